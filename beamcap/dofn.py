@@ -1,0 +1,253 @@
+"""The captioning DoFn: one batch of samples in, tagged original / generated / failed samples out.
+
+``setup()`` gets the model shared by every thread of the worker process.
+``process()`` isolates each sample: a sample that cannot be read or captioned
+is reported with a reason, and the rest of its batch is captioned normally.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+from PIL import Image
+
+from beamcap.config import CaptionConfig
+from beamcap.dj_format import TextPlan, plan_text, render_text
+from beamcap.images import ImageLoadError, describe_ref, load_image
+from beamcap.isolation import call_isolating
+from beamcap.retention import KeepMode, choose_captions, sample_rng
+
+_LOGGER = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "beamcap"
+ORIGINAL = "original"
+GENERATED = "generated"
+FAILED = "failed"
+
+
+class SampleError(Exception):
+    """A sample that cannot be captioned (raised when failures are not handled)."""
+
+
+def failure_record(sample: Any, reason: str) -> dict[str, Any]:
+    """What the failed output holds for one sample."""
+    return {"sample": sample, "error": reason}
+
+
+@dataclass
+class _Work:
+    """One sample on its way through a batch."""
+
+    sample: Any
+    plan: TextPlan | None = None
+    prompt: str | None = None
+    images: dict[int, Image.Image] = field(default_factory=dict)
+    candidates: dict[int, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def needs_captions(self) -> bool:
+        return self.error is None and self.plan is not None
+
+
+def _parse(sample: Any, config: CaptionConfig) -> _Work:
+    """Validate a sample and work out which images it asks captions for."""
+    work = _Work(sample)
+    if not isinstance(sample, dict):
+        work.error = f"the element is a {type(sample).__name__}, not a dict sample"
+        return work
+    text = sample.get(config.text_key)
+    if not isinstance(text, str):
+        what = "has no" if config.text_key not in sample else f"has a {type(text).__name__} in its"
+        work.error = f"the sample {what} {config.text_key!r} field (a str is needed)"
+        return work
+    images = sample.get(config.image_key)
+    if images is None or (isinstance(images, (list, tuple)) and not images):
+        return work  # no images: original only
+    if not isinstance(images, (list, tuple)):
+        work.error = f"the sample's {config.image_key!r} field must be a list of image references, got {type(images).__name__}"
+        return work
+    plan = plan_text(text, config.special_tokens)
+    if plan.num_image_tokens == 0:
+        return work  # images but no image token: original only (SPEC)
+    if plan.num_image_tokens > len(images):
+        work.error = (
+            f"the text has {plan.num_image_tokens} {config.image_token} tokens but the sample has only "
+            f"{len(images)} images ({config.image_key}={[describe_ref(r) for r in images]})"
+        )
+        return work
+    work.plan = plan
+    work.prompt = config.prompt_for(sample)
+    return work
+
+
+def _load_images(work: _Work, config: CaptionConfig) -> None:
+    refs = work.sample[config.image_key]
+    loaded: dict[Any, Image.Image] = {}
+    for index in work.plan.image_indices:
+        ref = refs[index]
+        key = ref if isinstance(ref, (str, bytes)) else id(ref)
+        try:
+            if key not in loaded:
+                loaded[key] = load_image(ref, image_root=config.image_root, max_pixels=config.max_image_pixels)
+        except ImageLoadError as e:
+            work.error = f"{e} ({config.image_key}[{index}])"
+            return
+        work.images[index] = loaded[key]
+
+
+def _stable_key(sample: dict) -> str:
+    """A key for a sample that is the same in every process and run."""
+    blob = json.dumps(sample, sort_keys=True, default=repr, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def image_weight(element: Any, text_key: str, image_key: str, image_token: str) -> int:
+    """How many images a sample sends to ``generate`` (at least 1): its weight in a batch."""
+    if isinstance(element, dict) and isinstance(element.get(text_key), str) and element.get(image_key):
+        return max(1, element[text_key].count(image_token))
+    return 1
+
+
+class CaptionDoFn(beam.DoFn):
+    """Captions batches of samples.
+
+    Outputs: generated samples on the main output (tag ``generated`` in
+    ``with_outputs(..., main=GENERATED)``), input samples that were processed
+    on ``original``, and failure records on ``failed``.
+    """
+
+    def __init__(self, config: CaptionConfig, handle_failures: bool = False):
+        self._config = config
+        self._handle_failures = handle_failures
+        self._shared_handle = shared.Shared()
+        self._captioner = None
+        self._loaded_here = False
+        self._load_reported = False
+        ns = METRICS_NAMESPACE
+        self._samples_in = Metrics.counter(ns, "samples_in")
+        self._samples_failed = Metrics.counter(ns, "samples_failed")
+        self._images_captioned = Metrics.counter(ns, "images_captioned")
+        self._captions_generated = Metrics.counter(ns, "captions_generated")
+        self._generated_samples = Metrics.counter(ns, "generated_samples")
+        self._original_samples = Metrics.counter(ns, "original_samples")
+        self._model_loads = Metrics.counter(ns, "model_loads")
+        self._load_ms = Metrics.distribution(ns, "model_load_ms")
+        self._generate_ms = Metrics.distribution(ns, "generate_latency_ms")
+        self._generate_batch = Metrics.distribution(ns, "generate_batch_size")
+
+    def _model_tag(self) -> str:
+        c = self._config
+        return json.dumps([c.hf_img2seq, c.device, c.torch_dtype, c.trust_remote_code])
+
+    def setup(self) -> None:
+        from beamcap.model import load_captioner
+
+        def load():
+            self._loaded_here = True
+            return load_captioner(self._config)
+
+        self._captioner = self._shared_handle.acquire(load, tag=self._model_tag())
+        self._settings = self._config.generation_settings()
+
+    def _report_load(self) -> None:
+        # Metrics updated in setup() are not reported: do it on the first bundle.
+        if not self._load_reported:
+            self._load_reported = True
+            if self._loaded_here:
+                self._model_loads.inc()
+                self._load_ms.update(int(self._captioner.load_secs * 1000))
+
+    def _generate(self, images: Sequence[Image.Image], prompt: str | None) -> list[list[str]]:
+        start = time.perf_counter()
+        captions = self._captioner.caption(images, prompt, self._settings)
+        self._generate_ms.update(int((time.perf_counter() - start) * 1000))
+        self._generate_batch.update(len(images))
+        return captions
+
+    def _caption_all(self, works: list[_Work]) -> None:
+        """Generate candidates for every image that needs one: prompts never mixed in a call,
+        at most ``gpu_batch_size`` images per call, a failed call isolated per image."""
+        from beamcap.model import free_device_memory, is_out_of_memory
+
+        groups: dict[str | None, list[tuple[_Work, int]]] = {}
+        for work in works:
+            if work.needs_captions:
+                for index in work.plan.image_indices:
+                    groups.setdefault(work.prompt, []).append((work, index))
+        size = self._config.gpu_batch_size
+        for prompt, jobs in groups.items():
+            for start in range(0, len(jobs), size):
+                chunk = jobs[start : start + size]
+                outcomes = call_isolating(
+                    lambda part, p=prompt: self._generate([w.images[i] for w, i in part], p),
+                    chunk,
+                    is_oom=is_out_of_memory,
+                    on_oom=free_device_memory,
+                )
+                for (work, index), outcome in zip(chunk, outcomes):
+                    if isinstance(outcome, Exception):
+                        if work.error is None:
+                            ref = describe_ref(work.sample[self._config.image_key][index])
+                            work.error = (
+                                f"image {ref} ({self._config.image_key}[{index}]): captioning failed: "
+                                f"{type(outcome).__name__}: {outcome}"
+                            )
+                    else:
+                        work.candidates[index] = outcome
+
+    def _generated_texts(self, work: _Work) -> list[str]:
+        config, plan = self._config, work.plan
+        order = plan.image_indices
+        reference_texts = [chunk.plain_text for chunk in plan.chunks for _ in chunk.image_indices]
+        rng = None
+        if config.keep_candidate_mode is KeepMode.RANDOM_ANY:
+            rng = sample_rng(config.seed, _stable_key(work.sample) if config.seed is not None else "")
+        chosen = choose_captions(
+            config.keep_candidate_mode, [work.candidates[i] for i in order], reference_texts, rng
+        )
+        return [render_text(plan, dict(zip(order, captions)), config.special_tokens) for captions in chosen]
+
+    def process(self, batch: Sequence[Any]) -> Iterator[Any]:
+        self._report_load()
+        config = self._config
+        self._samples_in.inc(len(batch))
+        works = [_parse(sample, config) for sample in batch]
+        for work in works:
+            if work.needs_captions:
+                _load_images(work, config)
+        self._caption_all(works)
+        for work in works:
+            if work.error is not None:
+                self._samples_failed.inc()
+                if not self._handle_failures:
+                    raise SampleError(
+                        f"{work.error}. Use CaptionImages(...).with_exception_handling() to route failed "
+                        "samples to a separate output instead of failing the job."
+                    )
+                _LOGGER.warning("Sample failed: %s", work.error)
+                yield beam.pvalue.TaggedOutput(FAILED, failure_record(work.sample, work.error))
+                continue
+            yield beam.pvalue.TaggedOutput(ORIGINAL, work.sample)
+            if config.keep_original_sample:
+                self._original_samples.inc()
+            if work.plan is None:
+                continue
+            n_images = len(work.plan.image_indices)
+            self._images_captioned.inc(n_images)
+            self._captions_generated.inc(n_images * config.caption_num)
+            for text in self._generated_texts(work):
+                generated = copy.deepcopy(work.sample)
+                generated[config.text_key] = text
+                self._generated_samples.inc()
+                yield generated  # the main output

@@ -1,0 +1,171 @@
+"""Loading an image-to-text model and running ``generate`` on a batch of images.
+
+Loading goes through the Auto classes (``AutoModelForImageTextToText`` with
+``AutoProcessor``, or ``AutoImageProcessor`` + ``AutoTokenizer`` for
+VisionEncoderDecoder folders), under a process-wide lock: concurrent
+``from_pretrained`` calls in one process are not safe. The device and dtype
+are resolved here, on the worker, never on the launcher.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from beamcap.config import CaptionConfig
+
+_LOGGER = logging.getLogger(__name__)
+_LOAD_LOCK = threading.Lock()
+DEMO_MODEL_ALIAS = "beamcap-demo"
+
+
+def resolve_model_path(hf_img2seq: str) -> str:
+    """A hub id or a local folder; the alias ``'beamcap-demo'`` names the bundled demo model."""
+    if hf_img2seq == DEMO_MODEL_ALIAS:
+        from beamcap.demo import demo_model_path
+
+        return demo_model_path()
+    return hf_img2seq
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """``requested``, or ``cuda`` when a GPU is visible, else ``cpu``."""
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | str:
+    """The weights' dtype: float32 on CPU, bfloat16 (else float16) on CUDA unless set."""
+    if name == "auto":
+        return "auto"
+    if name is not None:
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device out-of-memory error (CUDA or otherwise)."""
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, oom_type) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _image_token_id(processor: Any) -> int | None:
+    token = getattr(processor, "image_token", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if token is None or tokenizer is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(str(token))
+    return None if token_id == tokenizer.unk_token_id else token_id
+
+
+def align_image_token_id(model: Any, processor: Any) -> None:
+    """Make the model look for the image token the processor actually inserts.
+
+    The reference forces ``image_token_index = 50265`` (right only for OPT-based
+    BLIP-2); beamcap reads the id from the processor's tokenizer instead.
+    """
+    token_id = _image_token_id(processor)
+    if token_id is None:
+        return
+    for attr in ("image_token_id", "image_token_index"):
+        current = getattr(model.config, attr, token_id)
+        if current != token_id:
+            _LOGGER.warning("Setting model.config.%s from %s to the processor's image token id %s.", attr, current, token_id)
+            setattr(model.config, attr, token_id)
+
+
+class Captioner:
+    """A loaded model with what it needs to caption a list of images in one ``generate`` call."""
+
+    def __init__(self, model: Any, processor: Any, tokenizer: Any, image_processor: Any, device: torch.device):
+        self.model = model
+        self.processor = processor  # None for VisionEncoderDecoder folders
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.load_secs = 0.0
+        self._accepts = set(inspect.signature(model.forward).parameters)
+        self._is_encoder_decoder_folder = processor is None
+
+    def prepare(self, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:
+        """The model's inputs for these images, all with the same prompt (or none)."""
+        if self._is_encoder_decoder_folder:
+            inputs = dict(self.image_processor(images=list(images), return_tensors="pt"))
+            if prompt:
+                start = self.model.config.decoder_start_token_id
+                prefix = [start, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+                inputs["decoder_input_ids"] = torch.tensor([prefix] * len(images), dtype=torch.long)
+        else:
+            text = [prompt] * len(images) if prompt is not None else None
+            inputs = dict(self.processor(images=list(images), text=text, return_tensors="pt"))
+        if "token_type_ids" in inputs and "token_type_ids" not in self._accepts:
+            del inputs["token_type_ids"]
+        return {
+            k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+        }
+
+    def decode(self, sequences: torch.Tensor) -> list[str]:
+        """Generated token ids to text, special tokens skipped (as the reference)."""
+        return (self.processor or self.tokenizer).batch_decode(sequences, skip_special_tokens=True)
+
+    def caption(self, images: Sequence[Image.Image], prompt: str | None, settings: dict[str, Any]) -> list[list[str]]:
+        """One ``generate`` call: ``num_return_sequences`` candidates for each image."""
+        inputs = self.prepare(images, prompt)
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, **settings)
+        texts = self.decode(sequences)
+        n = settings.get("num_return_sequences", 1)
+        return [texts[i * n : (i + 1) * n] for i in range(len(images))]
+
+
+def load_captioner(config: CaptionConfig) -> Captioner:
+    """Load processor(s) and model for ``config`` onto the resolved device."""
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    path = resolve_model_path(config.hf_img2seq)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.torch_dtype, device)
+    trust = {"trust_remote_code": config.trust_remote_code}
+    with _LOAD_LOCK:
+        start = time.perf_counter()
+        _LOGGER.info("Loading %s on %s (dtype %s).", path, device, dtype)
+        model_config = AutoConfig.from_pretrained(path, **trust)
+        if model_config.model_type == "vision-encoder-decoder":
+            processor = None
+            image_processor = AutoImageProcessor.from_pretrained(path, **trust)
+            tokenizer = AutoTokenizer.from_pretrained(path, **trust)
+        else:
+            processor = AutoProcessor.from_pretrained(path, **trust)
+            image_processor = getattr(processor, "image_processor", None)
+            tokenizer = getattr(processor, "tokenizer", None)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **trust)
+        model.to(device).eval()
+        if processor is not None:
+            align_image_token_id(model, processor)
+        captioner = Captioner(model, processor, tokenizer, image_processor, device)
+        captioner.load_secs = time.perf_counter() - start
+    _LOGGER.info("Loaded %s in %.1f s.", path, captioner.load_secs)
+    return captioner

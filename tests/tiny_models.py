@@ -1,0 +1,161 @@
+"""Tiny random-weight models of each image-to-text family, built offline.
+
+Each builder writes a folder with ``save_pretrained`` (model + processor or
+image processor + tokenizer), so tests load it back through the same code
+path as a hub model. Weights are random: captions are the same for every
+image, which is fine for format and count tests (routing tests use the
+trained demo model).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    CLIPImageProcessor,
+    GitConfig,
+    GitForCausalLM,
+    GitProcessor,
+    GPT2Config,
+    GPT2Tokenizer,
+    T5Tokenizer,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessor,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+WORDS = (
+    "a an the photo picture of with and is on in cat dog red blue green yellow circle square "
+    "triangle one two three big small women man umbrella describe this image caption"
+).split()
+IMAGE_SIZE = 32
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               image_size=IMAGE_SIZE, patch_size=8)
+
+
+def bert_tokenizer() -> BertTokenizer:
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    return BertTokenizer(vocab=vocab)
+
+
+def gpt2_tokenizer() -> GPT2Tokenizer:
+    """A byte-level BPE with no merges: every byte is a token."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = GPT2Tokenizer(vocab=vocab, merges=[])
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _save(model, processors, path: str) -> str:
+    torch.manual_seed(0)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    for p in processors:
+        p.save_pretrained(path)
+    return path
+
+
+def _text(vocab_size: int, **extra) -> dict:
+    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=128, **extra)
+
+
+def build_blip(path: str) -> str:
+    tok = bert_tokenizer()
+    torch.manual_seed(0)
+    config = BlipConfig(
+        vision_config=_VISION,
+        text_config=_text(len(tok), bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id,
+                          sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id),
+        projection_dim=32,
+    )
+    image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return _save(BlipForConditionalGeneration(config), [BlipProcessor(image_processor, tok)], path)
+
+
+def _blip2(path: str, tok, text_config: dict) -> str:
+    image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = Blip2Processor(image_processor, tok, num_query_tokens=4)
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=_VISION,
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            encoder_hidden_size=32, vocab_size=64),
+        text_config=text_config,
+        num_query_tokens=4,
+        image_token_index=processor.tokenizer.convert_tokens_to_ids(str(processor.image_token)),
+    )
+    model = Blip2ForConditionalGeneration(config)
+    model.resize_token_embeddings(len(processor.tokenizer))
+    return _save(model, [processor], path)
+
+
+def build_blip2_opt(path: str) -> str:
+    tok = gpt2_tokenizer()
+    text = _text(len(tok) + 1, model_type="opt", ffn_dim=64, word_embed_proj_dim=32,
+                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text.pop("intermediate_size")
+    return _blip2(path, tok, text)
+
+
+def build_blip2_t5(path: str) -> str:
+    tok = t5_tokenizer()
+    text = dict(model_type="t5", vocab_size=len(tok) + 1, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                num_decoder_layers=2, num_heads=4, decoder_start_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return _blip2(path, tok, text)
+
+
+def build_git(path: str) -> str:
+    tok = bert_tokenizer()
+    torch.manual_seed(0)
+    config = GitConfig(
+        vision_config=dict(_VISION, projection_dim=32),
+        **_text(len(tok), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                pad_token_id=tok.pad_token_id),
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return _save(GitForCausalLM(config), [GitProcessor(image_processor, tok)], path)
+
+
+def build_vision_encoder_decoder(path: str) -> str:
+    tok = gpt2_tokenizer()
+    encoder = ViTConfig(**{k: v for k, v in _VISION.items()})
+    decoder = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, add_cross_attention=True)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = tok.eos_token_id
+    config.pad_token_id = tok.pad_token_id
+    config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    image_processor = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return _save(VisionEncoderDecoderModel(config), [image_processor, tok], path)
+
+
+BUILDERS = {
+    "blip": build_blip,
+    "blip2_opt": build_blip2_opt,
+    "blip2_t5": build_blip2_t5,
+    "git": build_git,
+    "vision_encoder_decoder": build_vision_encoder_decoder,
+}
