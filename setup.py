@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["beamcap", "beamcap.*", "pipelines", "pipelines.*"]),
-    package_data={"beamcap.demo": ["model/*", "data/*"]},
+    package_data={"beamcap.demo": ["model/*", "data/*", "data/images/*"]},
     include_package_data=True,
     install_requires=[
         "apache-beam>=2.60,<3",

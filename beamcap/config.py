@@ -80,6 +80,7 @@ class CaptionConfig:
     device: str | None = None
     torch_dtype: str | None = None
     image_root: str | None = None
+    image_base_dir: str | None = None
     max_image_pixels: int = _DEFAULT_MAX_IMAGE_PIXELS
     min_batch_size: int = 1
     max_batch_size: int | None = None
@@ -91,7 +92,9 @@ class CaptionConfig:
             set_(self, "hf_img2seq", str(self.hf_img2seq))
         _check_type("hf_img2seq", self.hf_img2seq, str, "a model id or a local folder path (str)")
         if not self.hf_img2seq:
-            raise ValueError("hf_img2seq must not be empty: give a hub model id, a save_pretrained folder or 'beamcap-demo'")
+            raise ValueError(
+                "hf_img2seq must not be empty: give a hub model id, a save_pretrained folder or 'beamcap-demo'"
+            )
         _check_type("trust_remote_code", self.trust_remote_code, bool, "a bool")
         _check_positive_int("caption_num", self.caption_num)
         valid_modes = [m.value for m in KeepMode]
@@ -116,11 +119,16 @@ class CaptionConfig:
         _check_type("seed", self.seed, (int, type(None)), "an int or None")
         _check_type("device", self.device, (str, type(None)), "None (auto), 'cpu', 'cuda' or 'cuda:N'")
         if self.device is not None and not _DEVICE_RE.match(self.device):
-            raise ValueError(f"device must be None (auto), 'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps', got {self.device!r}")
+            raise ValueError(
+                f"device must be None (auto), 'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps', got {self.device!r}"
+            )
         set_(self, "torch_dtype", _dtype_name(self.torch_dtype))
         if self.image_root is not None and hasattr(self.image_root, "__fspath__"):
             set_(self, "image_root", str(self.image_root))
         _check_type("image_root", self.image_root, (str, type(None)), "a folder path (str) or None")
+        if self.image_base_dir is not None and hasattr(self.image_base_dir, "__fspath__"):
+            set_(self, "image_base_dir", str(self.image_base_dir))
+        _check_type("image_base_dir", self.image_base_dir, (str, type(None)), "a folder path (str) or None")
         _check_positive_int("max_image_pixels", self.max_image_pixels)
         _check_positive_int("min_batch_size", self.min_batch_size)
         if self.max_batch_size is not None:
@@ -151,8 +159,7 @@ class CaptionConfig:
             )
         if self.prompt and self.prompt_key:
             _LOGGER.warning(
-                "Both prompt and prompt_key are set: a sample's %r field is used when it is a str, "
-                "else the prompt %r.",
+                "Both prompt and prompt_key are set: a sample's %r field is used when it is a str, else the prompt %r.",
                 self.prompt_key,
                 self.prompt,
             )

@@ -30,6 +30,7 @@ from beamcap.retention import KeepMode, choose_captions, sample_rng
 _LOGGER = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "beamcap"
+PROGRESS_EVERY_SECS = 30.0
 ORIGINAL = "original"
 GENERATED = "generated"
 FAILED = "failed"
@@ -75,7 +76,9 @@ def _parse(sample: Any, config: CaptionConfig) -> _Work:
     if images is None or (isinstance(images, (list, tuple)) and not images):
         return work  # no images: original only
     if not isinstance(images, (list, tuple)):
-        work.error = f"the sample's {config.image_key!r} field must be a list of image references, got {type(images).__name__}"
+        work.error = (
+            f"the sample's {config.image_key!r} field must be a list of image references, got {type(images).__name__}"
+        )
         return work
     plan = plan_text(text, config.special_tokens)
     if plan.num_image_tokens == 0:
@@ -83,7 +86,7 @@ def _parse(sample: Any, config: CaptionConfig) -> _Work:
     if plan.num_image_tokens > len(images):
         work.error = (
             f"the text has {plan.num_image_tokens} {config.image_token} tokens but the sample has only "
-            f"{len(images)} images ({config.image_key}={[describe_ref(r) for r in images]})"
+            f"{len(images)} images ({config.image_key}=[{', '.join(describe_ref(r) for r in images)}])"
         )
         return work
     work.plan = plan
@@ -99,7 +102,12 @@ def _load_images(work: _Work, config: CaptionConfig) -> None:
         key = ref if isinstance(ref, (str, bytes)) else id(ref)
         try:
             if key not in loaded:
-                loaded[key] = load_image(ref, image_root=config.image_root, max_pixels=config.max_image_pixels)
+                loaded[key] = load_image(
+                    ref,
+                    image_root=config.image_root,
+                    base_dir=config.image_base_dir,
+                    max_pixels=config.max_image_pixels,
+                )
         except ImageLoadError as e:
             work.error = f"{e} ({config.image_key}[{index}])"
             return
@@ -159,6 +167,25 @@ class CaptionDoFn(beam.DoFn):
 
         self._captioner = self._shared_handle.acquire(load, tag=self._model_tag())
         self._settings = self._config.generation_settings()
+        self._progress = {"samples": 0, "images": 0, "failed": 0}
+        self._started = self._last_log = time.monotonic()
+
+    def _log_progress(self, samples: int, images: int, failed: int) -> None:
+        """A progress line from this DoFn instance every PROGRESS_EVERY_SECS."""
+        progress = self._progress
+        progress["samples"] += samples
+        progress["images"] += images
+        progress["failed"] += failed
+        now = time.monotonic()
+        if now - self._last_log >= PROGRESS_EVERY_SECS:
+            self._last_log = now
+            _LOGGER.info(
+                "beamcap progress: %d samples, %d images captioned (%.2f images/s), %d failed",
+                progress["samples"],
+                progress["images"],
+                progress["images"] / max(now - self._started, 1e-9),
+                progress["failed"],
+            )
 
     def _report_load(self) -> None:
         # Metrics updated in setup() are not reported: do it on the first bundle.
@@ -195,7 +222,7 @@ class CaptionDoFn(beam.DoFn):
                     is_oom=is_out_of_memory,
                     on_oom=free_device_memory,
                 )
-                for (work, index), outcome in zip(chunk, outcomes):
+                for (work, index), outcome in zip(chunk, outcomes, strict=True):
                     if isinstance(outcome, Exception):
                         if work.error is None:
                             ref = describe_ref(work.sample[self._config.image_key][index])
@@ -213,10 +240,10 @@ class CaptionDoFn(beam.DoFn):
         rng = None
         if config.keep_candidate_mode is KeepMode.RANDOM_ANY:
             rng = sample_rng(config.seed, _stable_key(work.sample) if config.seed is not None else "")
-        chosen = choose_captions(
-            config.keep_candidate_mode, [work.candidates[i] for i in order], reference_texts, rng
-        )
-        return [render_text(plan, dict(zip(order, captions)), config.special_tokens) for captions in chosen]
+        chosen = choose_captions(config.keep_candidate_mode, [work.candidates[i] for i in order], reference_texts, rng)
+        return [
+            render_text(plan, dict(zip(order, captions, strict=True)), config.special_tokens) for captions in chosen
+        ]
 
     def process(self, batch: Sequence[Any]) -> Iterator[Any]:
         self._report_load()
@@ -227,6 +254,11 @@ class CaptionDoFn(beam.DoFn):
             if work.needs_captions:
                 _load_images(work, config)
         self._caption_all(works)
+        self._log_progress(
+            len(works),
+            sum(len(w.candidates) for w in works if w.error is None),
+            sum(w.error is not None for w in works),
+        )
         for work in works:
             if work.error is not None:
                 self._samples_failed.inc()

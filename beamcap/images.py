@@ -42,23 +42,34 @@ def describe_ref(ref: Any) -> str:
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def resolve_local_path(ref: str, image_root: str | None) -> str:
-    """The local file ``ref`` names; confined to ``image_root`` when one is set.
+def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None = None) -> str:
+    """The path or URL that ``ref`` names.
 
-    With a root, relative references resolve under it, and anything that lands
-    outside it (``..``, an absolute path elsewhere, a symlink pointing out) is
-    refused.
+    With ``image_root``, relative references resolve under it, and anything
+    that lands outside it (``..``, an absolute path elsewhere, a symlink
+    pointing out, a URL) is refused. Otherwise relative local references
+    resolve against ``base_dir`` when one is given (a local folder or any
+    Beam filesystem path), and everything else is used as it is.
     """
-    if image_root is None:
-        return ref
-    root = os.path.realpath(image_root)
-    path = os.path.realpath(os.path.join(root, ref))
-    if os.path.commonpath([root, path]) != root:
-        raise ImageLoadError(ref, f"refused: the path resolves outside image_root {image_root!r}")
-    return path
+    is_remote = bool(_SCHEME_RE.match(ref))
+    if image_root is not None:
+        if is_remote:
+            raise ImageLoadError(
+                ref, f"refused: remote references are not allowed when image_root is set ({image_root!r})"
+            )
+        root = os.path.realpath(image_root)
+        path = os.path.realpath(os.path.join(root, ref))
+        if os.path.commonpath([root, path]) != root:
+            raise ImageLoadError(ref, f"refused: the path resolves outside image_root {image_root!r}")
+        return path
+    if base_dir and not is_remote and not os.path.isabs(ref):
+        return base_dir.rstrip("/") + "/" + ref if _SCHEME_RE.match(base_dir) else os.path.join(base_dir, ref)
+    return ref
 
 
-def read_bytes(ref: Any, image_root: str | None = None, http_timeout: float = _HTTP_TIMEOUT_SECS) -> bytes:
+def read_bytes(
+    ref: Any, image_root: str | None = None, base_dir: str | None = None, http_timeout: float = _HTTP_TIMEOUT_SECS
+) -> bytes:
     """The encoded bytes behind an image reference."""
     if isinstance(ref, (bytes, bytearray, memoryview)):
         return bytes(ref)
@@ -66,25 +77,21 @@ def read_bytes(ref: Any, image_root: str | None = None, http_timeout: float = _H
         raise ImageLoadError(ref, f"an image reference must be a path, URL or bytes, not {type(ref).__name__}")
     if not ref:
         raise ImageLoadError(ref, "the image reference is an empty string")
-    if ref.startswith(("http://", "https://")):
-        if image_root is not None:
-            raise ImageLoadError(ref, "refused: URLs are not allowed when image_root is set")
+    path = resolve_path(ref, image_root, base_dir)
+    if path.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(ref, timeout=http_timeout) as response:  # noqa: S310 (scheme checked)
+            with urllib.request.urlopen(path, timeout=http_timeout) as response:  # noqa: S310 (scheme checked)
                 return response.read()
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise ImageLoadError(ref, f"cannot download: {e}") from e
-    if _SCHEME_RE.match(ref):
-        if image_root is not None:
-            raise ImageLoadError(ref, "refused: remote paths are not allowed when image_root is set")
+    if _SCHEME_RE.match(path):
         from apache_beam.io.filesystems import FileSystems
 
         try:
-            with FileSystems.open(ref) as f:
+            with FileSystems.open(path) as f:
                 return f.read()
         except Exception as e:  # Beam filesystems raise many kinds of errors
             raise ImageLoadError(ref, f"cannot read: {e}") from e
-    path = resolve_local_path(ref, image_root)
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -121,7 +128,9 @@ def decode_image(data: bytes, ref: Any, max_pixels: int) -> Image.Image:
     """Decode encoded bytes into an RGB image: first frame, EXIF orientation applied.
 
     Images declaring more than ``max_pixels`` pixels are refused before their
-    pixels are decoded, so a decompression bomb cannot exhaust memory.
+    pixels are decoded, so a decompression bomb cannot exhaust memory. Pillow's
+    own process-wide ``Image.MAX_IMAGE_PIXELS`` also applies: the effective
+    limit is the smaller of the two.
     """
     if not data:
         raise ImageLoadError(ref, "the file is empty (0 bytes)")
@@ -150,7 +159,11 @@ def decode_image(data: bytes, ref: Any, max_pixels: int) -> Image.Image:
 
 
 def load_image(
-    ref: Any, *, image_root: str | None = None, max_pixels: int = Image.MAX_IMAGE_PIXELS or 178_956_970
+    ref: Any,
+    *,
+    image_root: str | None = None,
+    base_dir: str | None = None,
+    max_pixels: int = Image.MAX_IMAGE_PIXELS or 178_956_970,
 ) -> Image.Image:
     """Read and decode one image reference into an RGB :class:`PIL.Image.Image`."""
-    return decode_image(read_bytes(ref, image_root), ref, max_pixels)
+    return decode_image(read_bytes(ref, image_root, base_dir), ref, max_pixels)

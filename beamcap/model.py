@@ -85,7 +85,9 @@ def align_image_token_id(model: Any, processor: Any) -> None:
     for attr in ("image_token_id", "image_token_index"):
         current = getattr(model.config, attr, token_id)
         if current != token_id:
-            _LOGGER.warning("Setting model.config.%s from %s to the processor's image token id %s.", attr, current, token_id)
+            _LOGGER.warning(
+                "Setting model.config.%s from %s to the processor's image token id %s.", attr, current, token_id
+            )
             setattr(model.config, attr, token_id)
 
 

@@ -44,7 +44,7 @@ def simhash_fingerprint(text: str) -> int:
     '0x8214700201400c02'
     """
     tokens = [t for t in text.lower().split(" ") if t]
-    shingles = [f"{a} {b}" for a, b in zip(tokens, tokens[1:])]
+    shingles = [f"{a} {b}" for a, b in zip(tokens, tokens[1:], strict=False)]
     if not shingles:
         return 0
     return Simhash(shingles, f=64, hashfunc=_md5_64).value
@@ -98,5 +98,5 @@ def choose_captions(
     if mode is KeepMode.RANDOM_ANY:
         return [[rng.choice(cands) for cands in candidates]]
     if mode is KeepMode.SIMILAR_ONE_SIMHASH:
-        return [[cands[most_similar(ref, cands)] for cands, ref in zip(candidates, reference_texts)]]
+        return [[cands[most_similar(ref, cands)] for cands, ref in zip(candidates, reference_texts, strict=True)]]
     raise ValueError(f"unknown keep mode {mode!r}")

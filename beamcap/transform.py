@@ -62,7 +62,9 @@ class CaptionImages(beam.PTransform):
         torch_dtype: ``None`` (float32 on CPU, bfloat16/float16 on CUDA), a
             dtype name, or ``'auto'``.
         image_root: when set, relative image paths resolve under it and nothing
-            outside it is read.
+            outside it is read (no absolute paths elsewhere, no URLs).
+        image_base_dir: relative image paths resolve against it (a local folder
+            or a Beam filesystem path); nothing is refused.
         max_image_pixels: images declaring more pixels are refused.
         min_batch_size, max_batch_size: batch bounds in images (default max:
             ``gpu_batch_size``).
@@ -90,6 +92,7 @@ class CaptionImages(beam.PTransform):
         device: str | None = None,
         torch_dtype: Any = None,
         image_root: str | None = None,
+        image_base_dir: str | None = None,
         max_image_pixels: int | None = None,
         min_batch_size: int = 1,
         max_batch_size: int | None = None,
@@ -116,6 +119,7 @@ class CaptionImages(beam.PTransform):
             device=device,
             torch_dtype=torch_dtype,
             image_root=image_root,
+            image_base_dir=image_base_dir,
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
             generate_kwargs=generate_kwargs,
@@ -146,7 +150,8 @@ class CaptionImages(beam.PTransform):
         )
         outputs = (
             samples
-            | "BatchByImages" >> beam.BatchElements(min_batch_size=min_size, max_batch_size=max_size, element_size_fn=weight)
+            | "BatchByImages"
+            >> beam.BatchElements(min_batch_size=min_size, max_batch_size=max_size, element_size_fn=weight)
             | "Caption"
             >> beam.ParDo(CaptionDoFn(config, self._handle_failures)).with_outputs(FAILED, ORIGINAL, main=GENERATED)
         )

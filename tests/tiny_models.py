@@ -14,13 +14,13 @@ import os
 import torch
 from transformers import (
     BertTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipImageProcessor,
     BlipProcessor,
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2Processor,
     CLIPImageProcessor,
     GitConfig,
     GitForCausalLM,
@@ -40,8 +40,14 @@ WORDS = (
     "triangle one two three big small women man umbrella describe this image caption"
 ).split()
 IMAGE_SIZE = 32
-_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               image_size=IMAGE_SIZE, patch_size=8)
+_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+)
 
 
 def bert_tokenizer() -> BertTokenizer:
@@ -75,8 +81,15 @@ def _save(model, processors, path: str) -> str:
 
 
 def _text(vocab_size: int, **extra) -> dict:
-    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=128, **extra)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        **extra,
+    )
 
 
 def build_blip(path: str) -> str:
@@ -84,8 +97,13 @@ def build_blip(path: str) -> str:
     torch.manual_seed(0)
     config = BlipConfig(
         vision_config=_VISION,
-        text_config=_text(len(tok), bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id,
-                          sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id),
+        text_config=_text(
+            len(tok),
+            bos_token_id=tok.cls_token_id,
+            pad_token_id=tok.pad_token_id,
+            sep_token_id=tok.sep_token_id,
+            eos_token_id=tok.sep_token_id,
+        ),
         projection_dim=32,
     )
     image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
@@ -98,8 +116,14 @@ def _blip2(path: str, tok, text_config: dict) -> str:
     torch.manual_seed(0)
     config = Blip2Config(
         vision_config=_VISION,
-        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            encoder_hidden_size=32, vocab_size=64),
+        qformer_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            encoder_hidden_size=32,
+            vocab_size=64,
+        ),
         text_config=text_config,
         num_query_tokens=4,
         image_token_index=processor.tokenizer.convert_tokens_to_ids(str(processor.image_token)),
@@ -111,17 +135,35 @@ def _blip2(path: str, tok, text_config: dict) -> str:
 
 def build_blip2_opt(path: str) -> str:
     tok = gpt2_tokenizer()
-    text = _text(len(tok) + 1, model_type="opt", ffn_dim=64, word_embed_proj_dim=32,
-                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = _text(
+        len(tok) + 1,
+        model_type="opt",
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     text.pop("intermediate_size")
     return _blip2(path, tok, text)
 
 
 def build_blip2_t5(path: str) -> str:
     tok = t5_tokenizer()
-    text = dict(model_type="t5", vocab_size=len(tok) + 1, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                num_decoder_layers=2, num_heads=4, decoder_start_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    text = dict(
+        model_type="t5",
+        vocab_size=len(tok) + 1,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=tok.pad_token_id,
+        bos_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return _blip2(path, tok, text)
 
 
@@ -130,19 +172,27 @@ def build_git(path: str) -> str:
     torch.manual_seed(0)
     config = GitConfig(
         vision_config=dict(_VISION, projection_dim=32),
-        **_text(len(tok), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
-                pad_token_id=tok.pad_token_id),
+        **_text(len(tok), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id),
     )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
     return _save(GitForCausalLM(config), [GitProcessor(image_processor, tok)], path)
 
 
 def build_vision_encoder_decoder(path: str) -> str:
     tok = gpt2_tokenizer()
     encoder = ViTConfig(**{k: v for k, v in _VISION.items()})
-    decoder = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, add_cross_attention=True)
+    decoder = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        add_cross_attention=True,
+    )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id = tok.eos_token_id
     config.pad_token_id = tok.pad_token_id

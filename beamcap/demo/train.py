@@ -1,0 +1,125 @@
+"""Train the demo captioner: a small BLIP, from scratch, on procedural shape pictures.
+
+    python -m beamcap.demo.train --out beamcap/demo/model          # the shipped model
+    python -m beamcap.demo.train --out /tmp/m --steps 30          # a smoke run
+
+Seeded and reproducible on the same machine and library versions. The output
+is a ``save_pretrained`` folder (model + processor), loaded like any hub model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import time
+
+import torch
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+)
+
+from beamcap.demo.shapes import PROMPTS, draw_scene, random_scene, vocabulary
+
+_LOGGER = logging.getLogger(__name__)
+IMAGE_SIZE = 64
+
+
+def build_processor() -> BlipProcessor:
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(special + vocabulary())})
+    image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return BlipProcessor(image_processor, tokenizer)
+
+
+def build_model(processor: BlipProcessor) -> BlipForConditionalGeneration:
+    tok = processor.tokenizer
+    config = BlipConfig(
+        vision_config=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+        ),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=tok.cls_token_id,
+            pad_token_id=tok.pad_token_id,
+            sep_token_id=tok.sep_token_id,
+            eos_token_id=tok.sep_token_id,
+        ),
+        projection_dim=128,
+    )
+    return BlipForConditionalGeneration(config)
+
+
+def make_batch(processor: BlipProcessor, rng: random.Random, size: int, prompt_rate: float = 0.3):
+    images, texts = [], []
+    for _ in range(size):
+        scene = random_scene(rng)
+        images.append(draw_scene(scene, rng, "train"))
+        prefix = rng.choice(PROMPTS) + " " if rng.random() < prompt_rate else ""
+        texts.append(prefix + scene.caption)
+    inputs = processor(images=images, text=texts, padding="longest", return_tensors="pt")
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.tokenizer.pad_token_id, -100)
+    return inputs, labels
+
+
+def train(out: str, steps: int, batch_size: int, lr: float, seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    processor = build_processor()
+    model = build_model(processor)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        inputs, labels = make_batch(processor, rng, batch_size)
+        loss = model(**inputs, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            _LOGGER.info("step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(), time.perf_counter() - start)
+    model.eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    _LOGGER.info("Saved the demo model to %s", out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder to save the model and processor in")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed)
+
+
+if __name__ == "__main__":
+    main()

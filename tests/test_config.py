@@ -1,0 +1,102 @@
+import inspect
+import logging
+
+import pytest
+
+from beamcap import CaptionConfig, CaptionImages, KeepMode
+
+REFERENCE_PARAMS = [
+    ("hf_img2seq", "Salesforce/blip2-opt-2.7b"),
+    ("trust_remote_code", False),
+    ("caption_num", 1),
+    ("keep_candidate_mode", "random_any"),
+    ("keep_original_sample", True),
+    ("prompt", None),
+    ("prompt_key", None),
+    ("gpu_batch_size", 8),
+]
+
+
+def test_reference_parameters_keep_names_order_and_defaults():
+    params = list(inspect.signature(CaptionImages.__init__).parameters.values())[1:9]
+    assert [(p.name, p.default) for p in params] == REFERENCE_PARAMS
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+
+
+def test_building_the_transform_loads_nothing():
+    # A hub id that cannot be reached here: building must not touch it.
+    transform = CaptionImages("no-such-org/no-such-model")
+    assert transform.config.keep_candidate_mode is KeepMode.RANDOM_ANY
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"keep_candidate_mode": "best"},
+            "keep_candidate_mode must be one of ['random_any', 'similar_one_simhash', 'all']",
+        ),
+        ({"caption_num": 0}, "caption_num must be a positive int"),
+        ({"caption_num": 2.5}, "caption_num must be a positive int"),
+        ({"caption_num": True}, "caption_num must be a positive int"),
+        ({"gpu_batch_size": 0}, "gpu_batch_size must be a positive int"),
+        ({"gpu_batch_size": "8"}, "gpu_batch_size must be a positive int"),
+        ({"hf_img2seq": 3}, "hf_img2seq must be"),
+        ({"hf_img2seq": ""}, "hf_img2seq must not be empty"),
+        ({"trust_remote_code": "yes"}, "trust_remote_code must be a bool"),
+        ({"keep_original_sample": 1}, "keep_original_sample must be a bool"),
+        ({"prompt": 5}, "prompt must be a str or None"),
+        ({"prompt_key": ["p"]}, "prompt_key must be"),
+        ({"text_key": ""}, "text_key must be a non-empty str"),
+        ({"device": "gpu"}, "device must be"),
+        ({"torch_dtype": "float64"}, "torch_dtype must be"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
+        ({"seed": "1"}, "seed must be an int or None"),
+        ({"min_batch_size": 9}, "min_batch_size (9) must be <="),
+        ({"min_batch_size": 4, "max_batch_size": 2}, "max_batch_size (2) must be >= min_batch_size (4)"),
+        ({"num_return_sequences": 3}, "cannot be passed"),
+        ({"do_sample": False, "caption_num": 3, "num_beams": 2}, "needs num_beams >= caption_num"),
+    ],
+)
+def test_invalid_configuration_raises_naming_the_parameter(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        CaptionImages(**kwargs)
+    assert message in str(e.value)
+
+
+def test_mode_accepts_enum_and_string():
+    assert CaptionConfig(keep_candidate_mode=KeepMode.ALL).keep_candidate_mode is KeepMode.ALL
+    assert CaptionConfig(keep_candidate_mode="all").keep_candidate_mode is KeepMode.ALL
+
+
+def test_generation_settings():
+    assert CaptionConfig().generation_settings() == {
+        "max_new_tokens": 128,
+        "do_sample": True,
+        "num_return_sequences": 1,
+    }
+    greedy = CaptionConfig(caption_num=3, do_sample=False).generation_settings()
+    assert greedy["num_beams"] == 3 and greedy["num_return_sequences"] == 3
+    extra = CaptionConfig(caption_num=2, generate_kwargs={"top_p": 0.9}).generation_settings()
+    assert extra["top_p"] == 0.9 and "num_beams" not in extra
+
+
+def test_dtype_accepts_torch_dtype():
+    import torch
+
+    assert CaptionConfig(torch_dtype=torch.bfloat16).torch_dtype == "bfloat16"
+
+
+def test_prompt_precedence():
+    config = CaptionConfig(prompt="global", prompt_key="p")
+    assert config.prompt_for({"p": "mine"}) == "mine"
+    assert config.prompt_for({}) == "global"
+    assert config.prompt_for({"p": 3}) == "global"
+    assert CaptionConfig(prompt_key="p").prompt_for({"p": None}) is None
+    assert CaptionConfig(prompt="").prompt_for({}) is None
+
+
+def test_warning_when_both_prompts_set(caplog):
+    with caplog.at_level(logging.WARNING, logger="beamcap.config"):
+        CaptionConfig(prompt="a", prompt_key="b")
+    assert "Both prompt and prompt_key are set" in caplog.text
