@@ -8,6 +8,7 @@ is reported with a reason, and the rest of its batch is captioned normally.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from beamcap.dj_format import TextPlan, plan_text, render_text
 from beamcap.images import ImageLoadError, describe_ref, load_image
 from beamcap.isolation import call_isolating
 from beamcap.retention import KeepMode, choose_captions, sample_rng
+from beamcap.seeding import derive_seed
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -55,6 +57,12 @@ class _Work:
     images: dict[int, Image.Image] = field(default_factory=dict)
     candidates: dict[int, list[str]] = field(default_factory=dict)
     error: str | None = None
+
+    @functools.cached_property
+    def key(self) -> str:
+        """A key for the sample that is the same in every process and run."""
+        blob = json.dumps(self.sample, sort_keys=True, default=repr, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
     def needs_captions(self) -> bool:
@@ -112,12 +120,6 @@ def _load_images(work: _Work, config: CaptionConfig) -> None:
             work.error = f"{e} ({config.image_key}[{index}])"
             return
         work.images[index] = loaded[key]
-
-
-def _stable_key(sample: dict) -> str:
-    """A key for a sample that is the same in every process and run."""
-    blob = json.dumps(sample, sort_keys=True, default=repr, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def image_weight(element: Any, text_key: str, image_key: str, image_token: str) -> int:
@@ -195,9 +197,11 @@ class CaptionDoFn(beam.DoFn):
                 self._model_loads.inc()
                 self._load_ms.update(int(self._captioner.load_secs * 1000))
 
-    def _generate(self, images: Sequence[Image.Image], prompt: str | None) -> list[list[str]]:
+    def _generate(
+        self, images: Sequence[Image.Image], prompt: str | None, seeds: Sequence[int] | None
+    ) -> list[list[str]]:
         start = time.perf_counter()
-        captions = self._captioner.caption(images, prompt, self._settings)
+        captions = self._captioner.caption(images, prompt, self._settings, seeds)
         self._generate_ms.update(int((time.perf_counter() - start) * 1000))
         self._generate_batch.update(len(images))
         return captions
@@ -217,7 +221,7 @@ class CaptionDoFn(beam.DoFn):
             for start in range(0, len(jobs), size):
                 chunk = jobs[start : start + size]
                 outcomes = call_isolating(
-                    lambda part, p=prompt: self._generate([w.images[i] for w, i in part], p),
+                    lambda part, p=prompt: self._generate([w.images[i] for w, i in part], p, self._image_seeds(part)),
                     chunk,
                     is_oom=is_out_of_memory,
                     on_oom=free_device_memory,
@@ -233,13 +237,19 @@ class CaptionDoFn(beam.DoFn):
                     else:
                         work.candidates[index] = outcome
 
+    def _image_seeds(self, jobs: Sequence[tuple[_Work, int]]) -> list[int] | None:
+        """With a seed: one per image, a function of (seed, sample, image index)."""
+        if self._config.seed is None:
+            return None
+        return [derive_seed(self._config.seed, "generate", work.key, index) for work, index in jobs]
+
     def _generated_texts(self, work: _Work) -> list[str]:
         config, plan = self._config, work.plan
         order = plan.image_indices
         reference_texts = [chunk.plain_text for chunk in plan.chunks for _ in chunk.image_indices]
         rng = None
         if config.keep_candidate_mode is KeepMode.RANDOM_ANY:
-            rng = sample_rng(config.seed, _stable_key(work.sample) if config.seed is not None else "")
+            rng = sample_rng(config.seed, work.key if config.seed is not None else "")
         chosen = choose_captions(config.keep_candidate_mode, [work.candidates[i] for i in order], reference_texts, rng)
         return [
             render_text(plan, dict(zip(order, captions, strict=True)), config.special_tokens) for captions in chosen

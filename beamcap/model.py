@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from beamcap.config import CaptionConfig
+from beamcap.sampling import seeded_settings
+from beamcap.seeding import derive_seed
 
 _LOGGER = logging.getLogger(__name__)
 _LOAD_LOCK = threading.Lock()
@@ -127,13 +129,27 @@ class Captioner:
         """Generated token ids to text, special tokens skipped (as the reference)."""
         return (self.processor or self.tokenizer).batch_decode(sequences, skip_special_tokens=True)
 
-    def caption(self, images: Sequence[Image.Image], prompt: str | None, settings: dict[str, Any]) -> list[list[str]]:
-        """One ``generate`` call: ``num_return_sequences`` candidates for each image."""
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str | None,
+        settings: dict[str, Any],
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[str]]:
+        """One ``generate`` call: ``num_return_sequences`` candidates for each image.
+
+        With ``seeds`` (one per image) and plain sampling, each candidate is
+        drawn from its own seeded stream, so captions do not depend on the
+        other images of the call.
+        """
         inputs = self.prepare(images, prompt)
+        n = settings.get("num_return_sequences", 1)
+        if seeds is not None and settings.get("do_sample") and settings.get("num_beams", 1) == 1:
+            row_seeds = [derive_seed(seed, candidate) for seed in seeds for candidate in range(n)]
+            settings = seeded_settings(self.model, settings, row_seeds)
         with torch.inference_mode():
             sequences = self.model.generate(**inputs, **settings)
         texts = self.decode(sequences)
-        n = settings.get("num_return_sequences", 1)
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
 

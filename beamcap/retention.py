@@ -12,6 +12,8 @@ from enum import Enum
 
 from simhash import Simhash
 
+from beamcap.seeding import derive_seed
+
 
 class KeepMode(str, Enum):
     """How the ``caption_num`` candidates of an image are kept."""
@@ -70,8 +72,7 @@ def sample_rng(seed: int | None, sample_key: str) -> random.Random:
     """
     if seed is None:
         return random.Random()
-    digest = hashlib.sha256(f"{seed}\x00{sample_key}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+    return random.Random(derive_seed(seed, "random_any", sample_key))
 
 
 def choose_captions(

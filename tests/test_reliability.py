@@ -1,0 +1,239 @@
+"""Every bad input accounted for; determinism; out-of-memory; threads."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import apache_beam as beam
+import pytest
+import torch
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import BeamAssertException, assert_that
+from helpers import IMG, canonical, run_dofn, same_elements
+from PIL import Image
+from test_images import png_with_declared_size
+
+from beamcap import CaptionConfig, CaptionImages
+from beamcap.dofn import CaptionDoFn
+
+FAST = {"max_new_tokens": 4}
+GREEDY = dict(caption_num=2, keep_candidate_mode="all", do_sample=False, gpu_batch_size=3, **FAST)
+
+
+def good_samples(image_dir):
+    return [
+        {"id": "g1", "text": f"{IMG}one", "images": [str(image_dir / "red.jpg")]},
+        {"id": "g2", "text": f"{IMG}{IMG}two", "images": [str(image_dir / "blue.png"), str(image_dir / "green.jpg")]},
+        {"id": "g3", "text": "no image", "images": []},
+    ]
+
+
+def _file(d, name, data: bytes):
+    path = d / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _truncated(fmt):
+    data = _encoded(Image.effect_noise((64, 64), 40).convert("RGB"), fmt)
+    return data[: len(data) // 2]
+
+
+# (id, make(tmp_path) -> bad sample, expected substring of the reason or None when the sample is good)
+BAD_INPUTS = [
+    ("missing_file", lambda d: {"text": IMG, "images": [str(d / "nope.jpg")]}, "file not found"),
+    ("zero_bytes", lambda d: {"text": IMG, "images": [_file(d, "z.jpg", b"")]}, "the file is empty"),
+    ("truncated_jpeg", lambda d: {"text": IMG, "images": [_file(d, "t.jpg", _truncated("JPEG"))]}, "truncated"),
+    ("truncated_png", lambda d: {"text": IMG, "images": [_file(d, "t.png", _truncated("PNG"))]}, "truncated"),
+    ("random_bytes", lambda d: {"text": IMG, "images": [_file(d, "r.jpg", os.urandom(999))]}, "not a recognised"),
+    ("text_as_jpg", lambda d: {"text": IMG, "images": [_file(d, "t.jpg", b"hello world")]}, "not a recognised"),
+    (
+        "decompression_bomb",
+        lambda d: {"text": IMG, "images": [_file(d, "b.png", png_with_declared_size(4000, 4000))]},
+        "over the max_image_pixels limit",
+    ),
+    ("images_is_str", lambda d: {"text": IMG, "images": "a.jpg"}, "must be a list of image references, got str"),
+    ("text_missing", lambda d: {"images": []}, "has no 'text' field"),
+    ("text_not_str", lambda d: {"text": 5, "images": []}, "has a int in its 'text' field"),
+    ("too_many_tokens", lambda d: {"text": IMG * 3, "images": [str(d / "x.jpg")]}, "3 <__dj__image> tokens"),
+    ("http_unreachable", lambda d: {"text": IMG, "images": ["http://127.0.0.1:9/x.jpg"]}, "cannot download"),
+    ("non_dict", lambda d: ["not", "a", "dict"], "not a dict sample"),
+    (
+        "corrupt_bytes",
+        lambda d: {"text": IMG, "images": [b"\x89PNG\r\n\x1a\nnope"]},
+        "image <12 bytes>: not a recognised image format",
+    ),
+    ("image_ref_int", lambda d: {"text": IMG, "images": [42]}, "not int"),
+]
+
+
+@pytest.mark.parametrize("make, reason", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_fails_alone_and_good_samples_are_unchanged(blip_dir, image_dir, tmp_path, make, reason):
+    good = good_samples(image_dir)
+    bad = make(tmp_path)
+    clean = run_dofn(CaptionConfig(blip_dir, max_image_pixels=1_000_000, **GREEDY), good, batch_size=3)
+    with TestPipeline() as p:
+        result = (
+            p
+            | beam.Create([good[0], bad, *good[1:]])
+            | CaptionImages(blip_dir, max_image_pixels=1_000_000, **GREEDY).with_exception_handling()
+        )
+        assert_that(result.good, same_elements(clean["generated"] + clean["original"]), label="good")
+        assert_that(result.failed, failed_with(bad, reason), label="failed")
+
+
+def failed_with(sample, reason):
+    def check(actual):
+        if len(actual) != 1 or actual[0]["sample"] != sample or reason not in actual[0]["error"]:
+            raise BeamAssertException(f"expected one failure for {sample!r} with {reason!r}, got {actual}")
+
+    return check
+
+
+# Inputs that are not failures: the SPEC says what they give.
+ODD_BUT_VALID = [
+    ("images_missing", {"text": IMG}, 1, 0),
+    ("images_none", {"text": IMG, "images": None}, 1, 0),
+    ("more_images_than_tokens", {"text": IMG, "images": ["red.jpg", "no-such-file.jpg"]}, 1, 1),
+    ("prompt_key_not_str", {"text": IMG, "images": ["red.jpg"], "p": 42}, 1, 1),
+    ("unusual_modes", {"text": IMG * 3, "images": ["cmyk.tif", "la.png", "i16.png"]}, 1, 1),
+    ("tiny_and_wide", {"text": IMG * 2, "images": ["tiny.png", "wide.png"]}, 1, 1),
+    ("animated_gif", {"text": IMG, "images": ["anim.gif"]}, 1, 1),
+]
+
+
+@pytest.mark.parametrize(
+    "sample, originals, generated", [o[1:] for o in ODD_BUT_VALID], ids=[o[0] for o in ODD_BUT_VALID]
+)
+def test_odd_but_valid_inputs(blip_dir, image_dir, sample, originals, generated):
+    Image.new("CMYK", (9, 9), (0, 200, 200, 0)).save(image_dir / "cmyk.tif")
+    Image.new("LA", (9, 9), (100, 50)).save(image_dir / "la.png")
+    Image.new("I;16", (9, 9), 30000).save(image_dir / "i16.png")
+    Image.new("RGB", (1, 1)).save(image_dir / "tiny.png")
+    Image.new("RGB", (10000, 10)).save(image_dir / "wide.png")
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(image_dir / "anim.gif", save_all=True, append_images=frames[1:])
+    out = run_dofn(
+        CaptionConfig(blip_dir, prompt="a photo of", prompt_key="p", image_root=str(image_dir), **FAST), [sample]
+    )
+    assert (len(out["original"]), len(out["generated"]), out["failed"]) == (originals, generated, [])
+    if "p" in sample:
+        assert "a photo of" in out["generated"][0]["text"]
+
+
+@pytest.mark.parametrize("mode", ["random_any", "similar_one_simhash", "all"])
+def test_seeded_sampling_is_independent_of_batching_and_reruns(blip_dir, image_dir, mode):
+    samples = good_samples(image_dir) * 3 + [
+        {"id": "g4", "text": f"{IMG} x", "images": [str(image_dir / "yellow.jpg")]}
+    ]
+    config = dict(caption_num=3, keep_candidate_mode=mode, do_sample=True, seed=1234, max_new_tokens=6)
+    runs = [
+        run_dofn(CaptionConfig(blip_dir, gpu_batch_size=1, **config), samples, batch_size=1),
+        run_dofn(CaptionConfig(blip_dir, gpu_batch_size=4, **config), samples, batch_size=5),
+        run_dofn(CaptionConfig(blip_dir, gpu_batch_size=8, **config), samples, batch_size=len(samples)),
+    ]
+    texts = [canonical(r["generated"]) for r in runs]
+    assert texts[0] == texts[1] == texts[2]
+    other_seed = run_dofn(CaptionConfig(blip_dir, gpu_batch_size=4, **{**config, "seed": 99}), samples, batch_size=5)
+    assert canonical(other_seed["generated"]) != texts[0]
+
+
+def test_seeded_sampling_respects_warpers(blip_dir, image_dir):
+    samples = good_samples(image_dir)
+    greedy = run_dofn(CaptionConfig(blip_dir, do_sample=False, **FAST), samples)
+    top1 = run_dofn(CaptionConfig(blip_dir, do_sample=True, seed=3, generate_kwargs={"top_k": 1}, **FAST), samples)
+    assert canonical(top1["generated"]) == canonical(greedy["generated"])
+
+
+def test_seeded_pipeline_runs_are_identical(blip_dir, image_dir):
+    samples = good_samples(image_dir)
+    expected = run_dofn(CaptionConfig(blip_dir, caption_num=2, seed=5, **FAST), samples, batch_size=2)
+    with TestPipeline() as p:
+        out = p | beam.Create(samples) | CaptionImages(blip_dir, caption_num=2, seed=5, **FAST)
+        assert_that(out, same_elements(expected["generated"] + expected["original"]))
+
+
+class _OOMInjector:
+    """Wraps the real generate step: raises CUDA out-of-memory for calls over ``limit`` images
+    or containing a poisoned image size."""
+
+    def __init__(self, real, limit, poisoned_width=None):
+        self.real, self.limit, self.poisoned_width, self.sizes = real, limit, poisoned_width, []
+
+    def __call__(self, images, prompt, settings, seeds=None):
+        self.sizes.append(len(images))
+        if len(images) > self.limit or any(im.width == self.poisoned_width for im in images):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.real(images, prompt, settings, seeds)
+
+
+def _dofn_with(config, injector_factory):
+    dofn = CaptionDoFn(config, handle_failures=True)
+    dofn.setup()
+    injector = injector_factory(dofn._captioner.caption)
+    dofn._captioner = _Proxy(dofn._captioner, injector)
+    return dofn, injector
+
+
+class _Proxy:
+    def __init__(self, captioner, caption):
+        self._captioner, self.caption = captioner, caption
+
+    def __getattr__(self, name):
+        return getattr(self._captioner, name)
+
+
+def test_out_of_memory_halves_the_call_until_it_fits(blip_dir, image_dir):
+    samples = [{"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]} for i in range(8)]
+    config = CaptionConfig(blip_dir, gpu_batch_size=8, do_sample=False, **FAST)
+    expected = run_dofn(config, samples, batch_size=8)
+    dofn, injector = _dofn_with(config, lambda real: _OOMInjector(real, limit=2))
+    outputs = list(dofn.process(samples))
+    assert injector.sizes == [8, 4, 2, 2, 4, 2, 2]
+    generated = [o for o in outputs if isinstance(o, dict)]
+    assert canonical(generated) == canonical(expected["generated"])
+
+
+def test_an_image_that_never_fits_fails_alone(blip_dir, image_dir, tmp_path):
+    Image.new("RGB", (77, 20), "blue").save(tmp_path / "huge.png")
+    samples = [{"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]} for i in range(5)]
+    samples.insert(2, {"id": "big", "text": IMG, "images": [str(tmp_path / "huge.png")]})
+    config = CaptionConfig(blip_dir, gpu_batch_size=8, do_sample=False, **FAST)
+    dofn, _ = _dofn_with(config, lambda real: _OOMInjector(real, limit=8, poisoned_width=77))
+    outputs = list(dofn.process(samples))
+    failed = [o.value for o in outputs if getattr(o, "tag", None) == "failed"]
+    assert len(failed) == 1 and failed[0]["sample"]["id"] == "big"
+    assert "huge.png" in failed[0]["error"] and "OutOfMemoryError" in failed[0]["error"]
+    assert len([o for o in outputs if isinstance(o, dict)]) == 5
+
+
+def test_many_threads_share_one_model(blip_dir, image_dir):
+    config = CaptionConfig(blip_dir, do_sample=False, caption_num=2, keep_candidate_mode="all", **FAST)
+    blob = pickle.dumps(CaptionDoFn(config, handle_failures=True))  # as a runner ships the DoFn
+    samples = good_samples(image_dir)
+    expected = canonical(run_dofn(config, samples, batch_size=3)["generated"])
+    barrier = threading.Barrier(6)
+
+    def worker(_):
+        dofn = pickle.loads(blob)
+        barrier.wait()
+        dofn.setup()
+        results = []
+        for _ in range(3):
+            results.append(canonical([o for o in dofn.process(samples) if isinstance(o, dict)]))
+        return dofn._captioner, results
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(worker, range(6)))
+    assert len({id(captioner) for captioner, _ in outcomes}) == 1
+    assert all(r == expected for _, results in outcomes for r in results)
