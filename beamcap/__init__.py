@@ -5,7 +5,7 @@ from beamcap.demo import demo_model_path
 from beamcap.dofn import METRICS_NAMESPACE, SampleError
 from beamcap.images import ImageLoadError
 from beamcap.retention import KeepMode, simhash_fingerprint
-from beamcap.transform import CaptionImages, CaptionResult
+from beamcap.transform import CaptionImages, CaptionResult, UnsupportedRunnerError
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "KeepMode",
     "METRICS_NAMESPACE",
     "SampleError",
+    "UnsupportedRunnerError",
     "demo_model_path",
     "simhash_fingerprint",
 ]

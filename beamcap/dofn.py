@@ -19,7 +19,10 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils import shared
+from apache_beam.utils.timestamp import Timestamp
 from PIL import Image
 
 from beamcap.config import CaptionConfig
@@ -122,8 +125,14 @@ def _load_images(work: _Work, config: CaptionConfig) -> None:
         work.images[index] = loaded[key]
 
 
-def image_weight(element: Any, text_key: str, image_key: str, image_token: str) -> int:
-    """How many images a sample sends to ``generate`` (at least 1): its weight in a batch."""
+def with_timestamp(sample: Any, timestamp=beam.DoFn.TimestampParam) -> tuple[Any, Timestamp]:
+    """Pair a sample with its timestamp, which batching would otherwise replace."""
+    return sample, timestamp
+
+
+def image_weight(item: tuple[Any, Timestamp], text_key: str, image_key: str, image_token: str) -> int:
+    """How many images a (sample, timestamp) pair sends to ``generate`` (at least 1): its weight in a batch."""
+    element = item[0]
     if isinstance(element, dict) and isinstance(element.get(text_key), str) and element.get(image_key):
         return max(1, element[text_key].count(image_token))
     return 1
@@ -255,11 +264,12 @@ class CaptionDoFn(beam.DoFn):
             render_text(plan, dict(zip(order, captions, strict=True)), config.special_tokens) for captions in chosen
         ]
 
-    def process(self, batch: Sequence[Any]) -> Iterator[Any]:
+    def process(self, batch: Sequence[tuple[Any, Timestamp]]) -> Iterator[Any]:
+        """``batch`` holds (sample, its timestamp) pairs; every output keeps its sample's timestamp."""
         self._report_load()
         config = self._config
         self._samples_in.inc(len(batch))
-        works = [_parse(sample, config) for sample in batch]
+        works = [_parse(sample, config) for sample, _ in batch]
         for work in works:
             if work.needs_captions:
                 _load_images(work, config)
@@ -269,7 +279,7 @@ class CaptionDoFn(beam.DoFn):
             sum(len(w.candidates) for w in works if w.error is None),
             sum(w.error is not None for w in works),
         )
-        for work in works:
+        for work, (_, timestamp) in zip(works, batch, strict=True):
             if work.error is not None:
                 self._samples_failed.inc()
                 if not self._handle_failures:
@@ -278,9 +288,9 @@ class CaptionDoFn(beam.DoFn):
                         "samples to a separate output instead of failing the job."
                     )
                 _LOGGER.warning("Sample failed: %s", work.error)
-                yield beam.pvalue.TaggedOutput(FAILED, failure_record(work.sample, work.error))
+                yield TaggedOutput(FAILED, TimestampedValue(failure_record(work.sample, work.error), timestamp))
                 continue
-            yield beam.pvalue.TaggedOutput(ORIGINAL, work.sample)
+            yield TaggedOutput(ORIGINAL, TimestampedValue(work.sample, timestamp))
             if config.keep_original_sample:
                 self._original_samples.inc()
             if work.plan is None:
@@ -292,4 +302,4 @@ class CaptionDoFn(beam.DoFn):
                 generated = copy.deepcopy(work.sample)
                 generated[config.text_key] = text
                 self._generated_samples.inc()
-                yield generated  # the main output
+                yield TimestampedValue(generated, timestamp)  # the main output

@@ -11,8 +11,29 @@ from apache_beam.pvalue import PCollection
 
 from beamcap.config import DEFAULT_MODEL, CaptionConfig
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN
-from beamcap.dofn import FAILED, GENERATED, ORIGINAL, CaptionDoFn, image_weight
+from beamcap.dofn import FAILED, GENERATED, ORIGINAL, CaptionDoFn, image_weight, with_timestamp
 from beamcap.retention import KeepMode
+
+
+class UnsupportedRunnerError(ValueError):
+    """A runner on which beamcap's output would be wrong."""
+
+
+def refuse_unsafe_runner(runner: Any) -> None:
+    """Refuse runners known to corrupt or drop multi-output results.
+
+    Beam 2.77's DaskRunner puts every output of a multi-output ParDo into one
+    collection (originals, generated samples and failures would be mixed),
+    computes only the last sink of a pipeline, and finalises WriteToText
+    output empty, all while reporting success.
+    """
+    if type(runner).__module__.startswith("apache_beam.runners.dask"):
+        raise UnsupportedRunnerError(
+            "beamcap refuses DaskRunner: in Apache Beam's DaskRunner, tagged outputs of a ParDo are not separated "
+            "(original, generated and failed samples would be mixed), only the last sink is computed, and "
+            "WriteToText writes an empty file, all with a successful run. Use DirectRunner, the portable runner "
+            "(Flink, Spark) or Dataflow instead."
+        )
 
 
 class CaptionResult(NamedTuple):
@@ -143,6 +164,7 @@ class CaptionImages(beam.PTransform):
         return handled
 
     def expand(self, samples: PCollection) -> PCollection | CaptionResult:
+        refuse_unsafe_runner(samples.pipeline.runner)
         config = self.config
         min_size, max_size = config.batch_bounds
         weight = functools.partial(
@@ -150,6 +172,7 @@ class CaptionImages(beam.PTransform):
         )
         outputs = (
             samples
+            | "KeepTimestamps" >> beam.Map(with_timestamp)
             | "BatchByImages"
             >> beam.BatchElements(min_batch_size=min_size, max_batch_size=max_size, element_size_fn=weight)
             | "Caption"

@@ -6,7 +6,9 @@ import json
 import re
 from collections.abc import Iterable
 
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.util import BeamAssertException
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
 from beamcap.config import CaptionConfig
 from beamcap.dofn import FAILED, ORIGINAL, CaptionDoFn
@@ -15,21 +17,24 @@ EOC = "<|__dj__eoc|>"
 IMG = "<__dj__image>"
 
 
-def run_dofn(config: CaptionConfig, samples: Iterable, batch_size: int = 1) -> dict[str, list]:
-    """Run the captioning DoFn outside Beam on batches of ``batch_size``;
-    returns the emitted elements by tag (main output under 'generated')."""
-    from apache_beam.pvalue import TaggedOutput
+def process(dofn: CaptionDoFn, samples: list) -> dict[str, list]:
+    """One ``process`` call outside Beam; the emitted samples by tag (main output under 'generated')."""
+    out: dict[str, list] = {"generated": [], ORIGINAL: [], FAILED: []}
+    for item in dofn.process([(s, MIN_TIMESTAMP) for s in samples]):
+        tag, value = (item.tag, item.value) if isinstance(item, TaggedOutput) else ("generated", item)
+        out[tag].append(value.value)
+    return out
 
+
+def run_dofn(config: CaptionConfig, samples: Iterable, batch_size: int = 1) -> dict[str, list]:
+    """Run the captioning DoFn outside Beam on batches of ``batch_size``; the emitted samples by tag."""
     dofn = CaptionDoFn(config, handle_failures=True)
     dofn.setup()
     samples = list(samples)
     out: dict[str, list] = {"generated": [], ORIGINAL: [], FAILED: []}
     for start in range(0, len(samples), batch_size):
-        for item in dofn.process(samples[start : start + batch_size]):
-            if isinstance(item, TaggedOutput):
-                out[item.tag].append(item.value)
-            else:
-                out["generated"].append(item)
+        for tag, values in process(dofn, samples[start : start + batch_size]).items():
+            out[tag] += values
     return out
 
 

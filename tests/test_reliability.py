@@ -13,7 +13,7 @@ import pytest
 import torch
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that
-from helpers import IMG, canonical, run_dofn, same_elements
+from helpers import IMG, canonical, process, run_dofn, same_elements
 from PIL import Image
 from test_images import png_with_declared_size
 
@@ -198,10 +198,9 @@ def test_out_of_memory_halves_the_call_until_it_fits(blip_dir, image_dir):
     config = CaptionConfig(blip_dir, gpu_batch_size=8, do_sample=False, **FAST)
     expected = run_dofn(config, samples, batch_size=8)
     dofn, injector = _dofn_with(config, lambda real: _OOMInjector(real, limit=2))
-    outputs = list(dofn.process(samples))
+    outputs = process(dofn, samples)
     assert injector.sizes == [8, 4, 2, 2, 4, 2, 2]
-    generated = [o for o in outputs if isinstance(o, dict)]
-    assert canonical(generated) == canonical(expected["generated"])
+    assert canonical(outputs["generated"]) == canonical(expected["generated"])
 
 
 def test_an_image_that_never_fits_fails_alone(blip_dir, image_dir, tmp_path):
@@ -210,11 +209,11 @@ def test_an_image_that_never_fits_fails_alone(blip_dir, image_dir, tmp_path):
     samples.insert(2, {"id": "big", "text": IMG, "images": [str(tmp_path / "huge.png")]})
     config = CaptionConfig(blip_dir, gpu_batch_size=8, do_sample=False, **FAST)
     dofn, _ = _dofn_with(config, lambda real: _OOMInjector(real, limit=8, poisoned_width=77))
-    outputs = list(dofn.process(samples))
-    failed = [o.value for o in outputs if getattr(o, "tag", None) == "failed"]
+    outputs = process(dofn, samples)
+    failed = outputs["failed"]
     assert len(failed) == 1 and failed[0]["sample"]["id"] == "big"
     assert "huge.png" in failed[0]["error"] and "OutOfMemoryError" in failed[0]["error"]
-    assert len([o for o in outputs if isinstance(o, dict)]) == 5
+    assert len(outputs["generated"]) == 5
 
 
 def test_many_threads_share_one_model(blip_dir, image_dir):
@@ -230,7 +229,7 @@ def test_many_threads_share_one_model(blip_dir, image_dir):
         dofn.setup()
         results = []
         for _ in range(3):
-            results.append(canonical([o for o in dofn.process(samples) if isinstance(o, dict)]))
+            results.append(canonical(process(dofn, samples)["generated"]))
         return dofn._captioner, results
 
     with ThreadPoolExecutor(6) as pool:

@@ -9,7 +9,7 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
-from helpers import EOC, GENERATED_TEXT, IMG, canonical, has_counts, run_dofn, same_elements
+from helpers import EOC, GENERATED_TEXT, IMG, canonical, has_counts, process, run_dofn, same_elements
 
 from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages
 from beamcap.dofn import CaptionDoFn
@@ -117,18 +117,17 @@ def test_prompt_groups_never_mixed_and_batch_bounded(blip_dir, image_dir):
     dofn.setup()
     real = dofn._captioner.caption
 
-    def recording(images, prompt, settings):  # a wrapper around the real model
+    def recording(images, prompt, settings, seeds=None):  # a wrapper around the real model
         calls.append((prompt, len(images)))
-        return real(images, prompt, settings)
+        return real(images, prompt, settings, seeds)
 
     dofn._captioner.caption = recording
     img = str(image_dir / "red.jpg")
     batch = [{"text": f"{IMG}{IMG}", "images": [img, img], "p": p} for p in ["a cat", None, "a cat", 5, "a dog"]]
-    outputs = list(dofn.process(batch))
+    generated = process(dofn, batch)["generated"]
     dofn._captioner.caption = real
     assert sorted(calls) == sorted([("a cat", 3), ("a cat", 1), ("a photo of", 3), ("a photo of", 1), ("a dog", 2)])
     # BLIP decodes the prompt as part of the caption (as the reference).
-    generated = [o for o in outputs if isinstance(o, dict)]
     assert [g["text"].split(" ")[1:3] for g in generated[:1]] == [["a", "cat"]]
     assert "a photo of" in generated[1]["text"] and "a dog" in generated[4]["text"]
 
@@ -237,3 +236,35 @@ def test_every_model_family_loads_and_captions(model_dirs, image_dir, family):
             )
         )
         assert_that(out, has_counts(2, 4))
+
+
+def keeps_timestamps_and_windows(actual):
+    # actual: (id, kind, timestamp, window start); every output keeps its input's timestamp and window.
+    for sample_id, _kind, ts, start in actual:
+        if ts != sample_id * 7 or start != (sample_id * 7) // 10 * 10:
+            raise BeamAssertException(f"sample {sample_id} came out at {ts} in window [{start}, ...)")
+    if len(actual) != 8:
+        raise BeamAssertException(f"expected 8 outputs, got {len(actual)}")
+
+
+def _describe(sample, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam):
+    return sample["id"], "gen" if sample["text"].endswith(EOC) else "orig", float(ts), float(w.start)
+
+
+def test_timestamps_and_windows_are_kept(blip_dir, image_dir):
+    from apache_beam.transforms import window
+
+    def stamp(i):
+        sample = {"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]}
+        return window.TimestampedValue(sample, i * 7)
+
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create(range(4))
+            | beam.Map(stamp)
+            | beam.WindowInto(window.FixedWindows(10))
+            | CaptionImages(blip_dir, gpu_batch_size=4, **FAST)
+            | beam.Map(_describe)
+        )
+        assert_that(out, keeps_timestamps_and_windows)

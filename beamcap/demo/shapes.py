@@ -59,10 +59,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 def draw_scene(scene: Scene, rng: random.Random, style: str = "train") -> Image.Image:
     """A picture of ``scene``, drawn in ``style`` ('train' or 'eval'), JPEG round-tripped."""
     if style == "train":
-        width, height = rng.randint(64, 160), rng.randint(64, 160)
+        width, height = rng.randint(64, 320), rng.randint(64, 320)
         tint = rng.randint(200, 255)
         background = _jitter((tint, tint, tint), rng, 25)
-        radius_range, outline, quality = (0.09, 0.2), None, rng.randint(55, 95)
+        outline = _jitter((50, 50, 50), rng, 40) if rng.random() < 0.3 else None
+        radius_range, quality = (0.05, 0.2), rng.randint(55, 95)
     elif style == "eval":
         width, height = rng.choice([(200, 150), (150, 200), (96, 96), (240, 180), (320, 240)])
         background = _jitter((235, 235, 225), rng, 15)

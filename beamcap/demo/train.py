@@ -27,7 +27,8 @@ from transformers import (
 from beamcap.demo.shapes import PROMPTS, draw_scene, random_scene, vocabulary
 
 _LOGGER = logging.getLogger(__name__)
-IMAGE_SIZE = 64
+IMAGE_SIZE = 96
+PATCH_SIZE = 12
 
 
 def build_processor() -> BlipProcessor:
@@ -109,7 +110,7 @@ def train(out: str, steps: int, batch_size: int, lr: float, seed: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to save the model and processor in")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch_size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

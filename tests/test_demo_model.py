@@ -1,0 +1,172 @@
+"""The trained demo captioner: true captions, routed to the right image token."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import zipfile
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import BeamAssertException, assert_that
+from helpers import EOC, IMG
+
+from beamcap import CaptionImages, demo_model_path
+from beamcap.demo.shapes import COLOURS, SHAPES, Scene, draw_scene
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory):
+    """12 pictures from the eval generator, named by their scene."""
+    root = tmp_path_factory.mktemp("scenes")
+    rng = random.Random(5)
+    files = {}
+    for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
+        scene = Scene(colour, shape, 1)
+        path = root / f"{i:02d}_{colour}_{shape}.jpg"
+        draw_scene(scene, rng, "eval").save(path, quality=92)
+        files[str(path)] = scene
+    return files
+
+
+def _words(path: str) -> tuple[str, str]:
+    _, colour, shape = os.path.basename(path)[:-4].split("_")
+    return colour, shape
+
+
+def captions_follow_their_images(actual):
+    """Every generated sample: caption k (after the k-th image token) names image k's colour and shape."""
+    checked = 0
+    for sample in actual:
+        if sample["text"] == sample["_orig"]:
+            continue
+        captions = [part.split(EOC)[0].strip() for part in sample["text"].split(IMG)[1:]]
+        if len(captions) != len(sample["images"]):
+            raise BeamAssertException(f"{len(captions)} captions for {len(sample['images'])} images: {sample}")
+        for path, caption in zip(sample["images"], captions, strict=True):
+            colour, shape = _words(path)
+            if colour not in caption.split() or not any(w.startswith(shape) for w in caption.split()):
+                raise BeamAssertException(f"caption {caption!r} does not describe {os.path.basename(path)}")
+            checked += 1
+    if checked == 0:
+        raise BeamAssertException("no generated caption was checked")
+
+
+def routing_samples(files):
+    paths = sorted(files)
+    samples = []
+    for i in range(0, len(paths), 3):
+        a, b, c = paths[i : i + 3]
+        samples.append({"text": f"{IMG}one", "images": [a]})
+        samples.append({"text": f"{IMG}{IMG} two in a chunk{EOC}", "images": [b, c]})
+        samples.append({"text": f"{IMG} first {EOC} words {EOC}{IMG} second {IMG} third", "images": [c, a, b]})
+    return [dict(s, _orig=s["text"]) for s in samples]
+
+
+@pytest.mark.parametrize("gpu_batch_size", [1, 3, 8])
+def test_each_caption_describes_its_own_image(scene_files, gpu_batch_size):
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create(routing_samples(scene_files))
+            | CaptionImages("beamcap-demo", gpu_batch_size=gpu_batch_size, do_sample=False, max_new_tokens=8)
+        )
+        assert_that(out, captions_follow_their_images)
+
+
+def test_all_mode_and_sampling_still_route_right(scene_files):
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create(routing_samples(scene_files)[:6])
+            | CaptionImages(
+                "beamcap-demo", caption_num=3, keep_candidate_mode="all", seed=0, max_new_tokens=8, gpu_batch_size=4
+            )
+        )
+        assert_that(out, captions_follow_their_images)
+
+
+def test_bundled_demo_data_is_captioned_truthfully(tmp_path):
+    import json
+
+    from pipelines.caption import run
+
+    data = os.path.join(os.path.dirname(demo_model_path()), "data")
+    run(
+        [
+            "--input",
+            os.path.join(data, "samples.jsonl"),
+            "--output",
+            str(tmp_path / "out"),
+            "--hf_img2seq",
+            "beamcap-demo",
+            "--do_sample",
+            "false",
+            "--num_shards",
+            "1",
+        ]
+    )
+    truth = json.load(open(os.path.join(data, "truth.json")))
+    rows = [json.loads(line) for line in open(next(tmp_path.glob("out*.jsonl")))]
+    generated = [r for r in rows if r["text"].endswith(EOC)]
+    assert len(rows) == 7 and len(generated) == 3
+    right = total = 0
+    for row in generated:
+        captions = [part.split(EOC)[0].strip() for part in row["text"].split(IMG)[1:]]
+        for image, caption in zip(row["images"], captions, strict=True):
+            total += 1
+            right += caption == truth[image]
+    assert total == 5 and right >= 4, (right, total)
+
+
+def test_training_script_smoke(tmp_path):
+    from beamcap.demo import train
+
+    train.main(["--out", str(tmp_path / "m"), "--steps", "6", "--batch_size", "4"])
+    from beamcap.config import CaptionConfig
+    from beamcap.model import load_captioner
+
+    captioner = load_captioner(CaptionConfig(str(tmp_path / "m"), device="cpu"))
+    image = draw_scene(Scene("red", "circle", 1), random.Random(0), "train")
+    assert len(captioner.caption([image], None, {"max_new_tokens": 3, "num_return_sequences": 2})[0]) == 2
+
+
+@pytest.mark.slow
+def test_demo_model_ships_in_the_installed_package(tmp_path):
+    """Build the wheel, install it into a fresh venv outside the repo, and load 'beamcap-demo' from there."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            REPO,
+        ],
+        check=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("beamcap-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "beamcap/demo/model/model.safetensors" in names and "beamcap/demo/data/images/red_circle.jpg" in names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    code = (
+        "import beamcap, os; p = beamcap.demo_model_path(); assert 'site-packages' in p, p; "
+        "from beamcap.model import load_captioner; from beamcap import CaptionConfig; "
+        "load_captioner(CaptionConfig('beamcap-demo', device='cpu')); print(p)"
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run(
+        [venv / "bin" / "python", "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
+    )
+    assert "site-packages" in done.stdout
