@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from beamcap.dofn import METRICS_NAMESPACE
 from beamcap.transform import CaptionImages
 from pipelines.options import add_caption_arguments, config_from_args
+from pipelines.recipe import load_recipe
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,43 +62,91 @@ def input_folder(pattern: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The job's arguments (a recipe's settings as defaults that flags override), and Beam's."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", required=True, help="JSONL file(s): a path or glob, local or gs://, s3://, ...")
-    io.add_argument("--output", required=True, help="output path prefix; files end in .jsonl")
+    io.add_argument("--input", help="JSONL or Parquet file(s): a path or glob, local or gs://, s3://, ...")
+    io.add_argument("--output", help="output path prefix (or, with --recipe, the recipe's export_path file)")
+    io.add_argument("--output_format", choices=["jsonl", "parquet"], default=None, help="default: from --output")
     io.add_argument("--failed_output", default=None, help="path prefix for failed samples (JSONL with the reason)")
     io.add_argument("--num_shards", type=int, default=0, help="output files (0: the runner decides)")
+    io.add_argument("--recipe", default=None, help="a Data-Juicer recipe (YAML) with an image_captioning_mapper")
+    io.add_argument("--skip_other_ops", action="store_true", help="with --recipe: run only the captioning op")
     add_caption_arguments(parser)
-    return parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
+    if args.recipe:
+        parser.set_defaults(**load_recipe(args.recipe, args.skip_other_ops))
+        args, beam_args = parser.parse_known_args(argv)
+        args.single_file = args.num_shards == 0 and args.output is not None
+    else:
+        args.single_file = False
+    if not args.input or not args.output:
+        parser.error("--input and --output are required (or a --recipe with dataset_path and export_path)")
+    if args.output_format is None:
+        args.output_format = "parquet" if args.output.endswith(".parquet") else "jsonl"
+    return args, beam_args
 
 
-def build(pipeline: beam.Pipeline, args: argparse.Namespace) -> None:
-    """Add the job's steps to ``pipeline``."""
-    base_dir = args.image_base_dir if args.image_root is None else None
-    config = config_from_args(args, image_base_dir=base_dir or (None if args.image_root else input_folder(args.input)))
-    transform = CaptionImages.from_config(config)
+def _is_parquet(path: str) -> bool:
+    return path.endswith(".parquet")
+
+
+def parquet_schema(input_pattern: str):
+    """The schema for Parquet output: the input's (Parquet) or that of its first JSON lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    (first, *_) = FileSystems.match([input_pattern])[0].metadata_list
+    with FileSystems.open(first.path) as f:
+        if _is_parquet(input_pattern):
+            return pq.read_schema(pa.BufferReader(f.read()))
+        rows = [json.loads(line) for line in f.read().decode("utf-8").splitlines()[:200] if line.strip()]
+    return pa.Table.from_pylist(rows).schema
+
+
+def read_samples(pipeline: beam.Pipeline, args: argparse.Namespace):
+    """(samples, unparseable lines as failure records or None)."""
+    if _is_parquet(args.input):
+        return pipeline | "ReadParquet" >> beam.io.ReadFromParquet(args.input), None
     parsed = (
         pipeline
         | "ReadJsonl" >> beam.io.ReadFromText(args.input)
         | "ParseJson" >> beam.ParDo(ParseJsonLine()).with_outputs(ParseJsonLine.FAILED, main="samples")
     )
-    if args.failed_output:
-        good, failed = parsed.samples | "CaptionImages" >> transform.with_exception_handling()
-        (
-            (failed, parsed[ParseJsonLine.FAILED])
-            | "AllFailures" >> beam.Flatten()
-            | "FailedToJson" >> beam.Map(to_json_line)
-            | "WriteFailed"
-            >> beam.io.WriteToText(args.failed_output, file_name_suffix=".jsonl", num_shards=args.num_shards)
-        )
-    else:
-        good = parsed.samples | "CaptionImages" >> transform
-        parsed[ParseJsonLine.FAILED] | "FailOnBadJson" >> beam.Map(_raise_bad_json)
-    (
-        good
-        | "ToJson" >> beam.Map(to_json_line)
-        | "WriteCaptioned" >> beam.io.WriteToText(args.output, file_name_suffix=".jsonl", num_shards=args.num_shards)
+    return parsed.samples, parsed[ParseJsonLine.FAILED]
+
+
+def write_records(records, path: str, num_shards: int, single_file: bool, schema=None, label: str = "Write"):
+    """JSONL (or Parquet with ``schema``) files at the prefix ``path``; with ``single_file``, exactly ``path``."""
+    naming = {"shard_name_template": "", "file_name_suffix": ""} if single_file else {}
+    if schema is not None:
+        naming = {"file_name_suffix": ".parquet", **naming}
+        return records | label >> beam.io.WriteToParquet(path, schema, num_shards=num_shards, **naming)
+    naming = {"file_name_suffix": ".jsonl", **naming}
+    return (
+        records
+        | f"{label}ToJson" >> beam.Map(to_json_line)
+        | label >> beam.io.WriteToText(path, num_shards=num_shards, **naming)
     )
+
+
+def build(pipeline: beam.Pipeline, args: argparse.Namespace) -> None:
+    """Add the job's steps to ``pipeline``."""
+    base_dir = None if args.image_root else (args.image_base_dir or input_folder(args.input))
+    transform = CaptionImages.from_config(config_from_args(args, image_base_dir=base_dir))
+    schema = parquet_schema(args.input) if args.output_format == "parquet" else None
+    samples, bad_lines = read_samples(pipeline, args)
+    if args.failed_output:
+        good, failed = samples | "CaptionImages" >> transform.with_exception_handling()
+        if bad_lines is not None:
+            failed = (failed, bad_lines) | "AllFailures" >> beam.Flatten()
+        write_records(failed, args.failed_output, args.num_shards, single_file=False, label="WriteFailed")
+    else:
+        good = samples | "CaptionImages" >> transform
+        if bad_lines is not None:
+            bad_lines | "FailOnBadJson" >> beam.Map(_raise_bad_json)
+    write_records(good, args.output, args.num_shards, args.single_file, schema, label="WriteCaptioned")
 
 
 def _raise_bad_json(record: dict) -> None:

@@ -79,3 +79,98 @@ def test_input_folder():
     assert input_folder("gs://b/d/part-*/f.jsonl") == "gs://b/d"
     assert input_folder("data.jsonl") == "."
     assert input_folder("/a/b/c.jsonl") == "/a/b"
+
+
+RECIPE = """
+project_name: demo
+dataset_path: {data}
+export_path: {export}
+np: 4
+text_keys: 'content'
+image_key: 'pics'
+image_special_token: '<img>'
+eoc_special_token: '<eoc>'
+process:
+  - image_captioning_mapper:
+      hf_img2seq: {model}
+      caption_num: 2
+      keep_candidate_mode: 'all'
+      keep_original_sample: false
+      mem_required: '16GB'
+{extra}
+"""
+
+
+def _recipe(tmp_path, image_dir, blip_dir, extra=""):
+    data = tmp_path / "data.jsonl"
+    rows = [{"content": "<img>a cat<eoc>", "pics": [str(image_dir / "red.jpg")]},
+            {"content": "<img> one <eoc> <img> two", "pics": [str(image_dir / "blue.jpg"), str(image_dir / "green.jpg")]},
+            {"content": "text only", "pics": []}]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(data=data, export=tmp_path / "out" / "result.jsonl", model=blip_dir, extra=extra))
+    return recipe
+
+
+def test_unchanged_data_juicer_recipe_runs(tmp_path, image_dir, blip_dir):
+    recipe = _recipe(tmp_path, image_dir, blip_dir)
+    run(["--recipe", str(recipe), "--max_new_tokens", "3"])
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "result.jsonl")]
+    assert len(rows) == 4  # keep_original_sample false, 'all' with 2 candidates, 2 captioned samples
+    assert all(set(r) == {"content", "pics"} for r in rows)
+    texts = sorted(r["content"] for r in rows)
+    assert all(t.startswith("<img> ") and t.endswith(" <eoc>") for t in texts[:2])
+    assert sum(t.count("<eoc>") == 2 for t in texts) == 2
+
+
+def test_recipe_with_other_ops_is_refused_by_name(tmp_path, image_dir, blip_dir):
+    from pipelines.recipe import RecipeError
+
+    recipe = _recipe(tmp_path, image_dir, blip_dir, extra="  - language_id_score_filter:\n      lang: en")
+    with pytest.raises(RecipeError, match="the recipe also has: language_id_score_filter"):
+        run(["--recipe", str(recipe)])
+    run(["--recipe", str(recipe), "--skip_other_ops", "--max_new_tokens", "2"])
+    assert len(open(tmp_path / "out" / "result.jsonl").readlines()) == 4
+
+
+def test_recipe_with_unknown_mapper_argument_is_refused(tmp_path, image_dir, blip_dir):
+    from pipelines.recipe import RecipeError
+
+    recipe = _recipe(tmp_path, image_dir, blip_dir)
+    recipe.write_text(recipe.read_text().replace("mem_required: '16GB'", "beam_size: 3"))
+    with pytest.raises(RecipeError, match=r"arguments beamcap does not know: \['beam_size'\]"):
+        run(["--recipe", str(recipe)])
+
+
+def test_parquet_in_and_out(tmp_path, image_dir, blip_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([
+        {"text": f"{IMG}x", "images": ["red.jpg"], "n": 1},
+        {"text": f"{IMG}{IMG}", "images": ["blue.png", "green.jpg"], "n": 2},
+        {"text": "none", "images": [], "n": 3},
+    ])  # fmt: skip
+    pq.write_table(table, tmp_path / "in.parquet")
+    run(
+        [
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--output",
+            str(tmp_path / "o"),
+            "--output_format",
+            "parquet",
+            "--image_base_dir",
+            str(image_dir),
+            "--hf_img2seq",
+            blip_dir,
+            "--max_new_tokens",
+            "3",
+            "--num_shards",
+            "1",
+        ]
+    )
+    (path,) = glob.glob(str(tmp_path / "o-*.parquet"))
+    rows = pq.read_table(path).to_pylist()
+    assert sorted(r["n"] for r in rows) == [1, 1, 2, 2, 3]
+    assert pq.read_schema(path) == table.schema

@@ -1,0 +1,78 @@
+"""Reading a Data-Juicer recipe (YAML) into the job's settings.
+
+Supported: ``dataset_path``, ``export_path``, ``text_keys``, ``image_key``,
+``image_special_token``, ``eoc_special_token`` and one
+``image_captioning_mapper`` entry of ``process`` with its arguments. Other
+ops are an error that names them (``skip_other_ops`` lets a user run only the
+captioning step). Data-Juicer's scheduling hints (``num_proc``,
+``mem_required``, ...) have no meaning under Beam and are accepted without
+effect; any other unknown argument is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+OP_NAME = "image_captioning_mapper"
+MAPPER_ARGS = {
+    "hf_img2seq", "trust_remote_code", "caption_num", "keep_candidate_mode", "keep_original_sample", "prompt",
+    "prompt_key", "gpu_batch_size", "text_key", "image_key",
+}  # fmt: skip
+# Data-Juicer's per-op runtime settings: Beam schedules work itself, so they do not apply.
+SCHEDULING_ARGS = {
+    "accelerator", "num_proc", "mem_required", "cpu_required", "gpu_required", "turbo", "batch_size",
+    "skip_op_error", "work_dir", "audio_key", "video_key", "query_key", "response_key", "history_key", "index_key",
+    "batch_mode", "runtime_np",
+}  # fmt: skip
+
+
+class RecipeError(ValueError):
+    """A recipe beamcap cannot run as it is."""
+
+
+def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
+    """The job settings a recipe asks for, as ``{flag name: value}``."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as f:
+        recipe = yaml.safe_load(f.read().decode("utf-8"))
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    settings: dict[str, Any] = {}
+    if recipe.get("dataset_path"):
+        settings["input"] = str(recipe["dataset_path"])
+    if recipe.get("export_path"):
+        settings["output"] = str(recipe["export_path"])
+    text_keys = recipe.get("text_keys")
+    if isinstance(text_keys, list):
+        if len(text_keys) != 1:
+            raise RecipeError(f"{path}: text_keys {text_keys} has {len(text_keys)} keys; captioning uses one text key")
+        text_keys = text_keys[0]
+    if text_keys:
+        settings["text_key"] = str(text_keys)
+    for recipe_key, flag in (("image_key", "image_key"), ("image_special_token", "image_token"),
+                             ("eoc_special_token", "eoc_token")):  # fmt: skip
+        if recipe.get(recipe_key):
+            settings[flag] = str(recipe[recipe_key])
+    mappers, others = [], []
+    for entry in recipe.get("process") or []:
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise RecipeError(f"{path}: each process entry must be a mapping of one op name to its arguments")
+        ((name, args),) = entry.items()
+        (mappers if name == OP_NAME else others).append((name, args or {}))
+    if others and not skip_other_ops:
+        names = ", ".join(sorted({n for n, _ in others}))
+        raise RecipeError(
+            f"{path}: beamcap runs only {OP_NAME}; the recipe also has: {names}. Run those ops in Data-Juicer, "
+            "or pass --skip_other_ops to run only the captioning step."
+        )
+    if len(mappers) != 1:
+        raise RecipeError(f"{path}: expected exactly one {OP_NAME} in process, found {len(mappers)}")
+    args = mappers[0][1]
+    unknown = sorted(set(args) - MAPPER_ARGS - SCHEDULING_ARGS)
+    if unknown:
+        raise RecipeError(f"{path}: {OP_NAME} has arguments beamcap does not know: {unknown}")
+    settings.update({k: v for k, v in args.items() if k in MAPPER_ARGS})
+    return settings
