@@ -9,8 +9,13 @@ are resolved here, on the worker, never on the launcher.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
+import os
+import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -29,12 +34,51 @@ DEMO_MODEL_ALIAS = "beamcap-demo"
 
 
 def resolve_model_path(hf_img2seq: str) -> str:
-    """A hub id or a local folder; the alias ``'beamcap-demo'`` names the bundled demo model."""
+    """A folder or hub id ``from_pretrained`` can load.
+
+    ``'beamcap-demo'`` names the bundled demo model; a Beam filesystem path
+    (``gs://``, ``s3://``, ...) is copied once to a local cache.
+    """
     if hf_img2seq == DEMO_MODEL_ALIAS:
         from beamcap.demo import demo_model_path
 
         return demo_model_path()
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", hf_img2seq):
+        return localize_model_folder(hf_img2seq)
     return hf_img2seq
+
+
+def model_cache_dir() -> str:
+    return os.environ.get("BEAMCAP_MODEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "beamcap", "models"))
+
+
+def localize_model_folder(path: str) -> str:
+    """Copy the files of a model folder on any Beam filesystem to a local cache, once.
+
+    The copy goes to a temporary folder renamed into place, so concurrent
+    workers never load a half-copied model. Only the folder's own files are
+    copied (``save_pretrained`` writes no subfolders).
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    target = os.path.join(model_cache_dir(), hashlib.sha256(path.encode()).hexdigest()[:20])
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    folder = path.rstrip("/")
+    files = [m.path for m in FileSystems.match([folder + "/*"])[0].metadata_list]
+    if not any(f.endswith("/config.json") for f in files):
+        raise FileNotFoundError(f"{path} holds no config.json: is it a folder written by save_pretrained?")
+    os.makedirs(model_cache_dir(), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=model_cache_dir(), prefix=".partial-")
+    _LOGGER.info("Copying %d model files from %s to %s.", len(files), path, target)
+    for source in files:
+        with FileSystems.open(source) as src, open(os.path.join(staging, source.rsplit("/", 1)[-1]), "wb") as dst:
+            shutil.copyfileobj(src, dst, length=16 << 20)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def resolve_device(requested: str | None) -> torch.device:

@@ -64,3 +64,98 @@ def test_multi_processing_direct_runner_matches_in_memory(tmp_path, blip_dir, im
     assert len(_rows(str(tmp_path / "mem"))) == 36
     assert _rows(str(tmp_path / "mp")) == _rows(str(tmp_path / "mem"))
     assert _rows(str(tmp_path / "mpf")) == _rows(str(tmp_path / "memf")) and len(_rows(str(tmp_path / "mpf"))) == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def portable_services():
+    """Beam's job service and an EXTERNAL SDK worker pool on loopback (what Flink/Spark/Dataflow v2 run)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    job_port, pool_port = _free_port(), _free_port()
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                          "--port", str(job_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                          f"--service_port={pool_port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    import socket
+
+    deadline = time.time() + 60
+    for port in (job_port, pool_port):
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError("portable services did not start") from None
+                time.sleep(0.2)
+    yield job_port, pool_port
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_portable_runner_with_external_workers_matches_direct(tmp_path, blip_dir, image_dir, portable_services):
+    import threading
+
+    job_port, pool_port = portable_services
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:
+        for i, colour in enumerate(["red", "green", "blue"]):
+            f.write(json.dumps({"id": i, "text": f"{IMG}x", "images": [str(image_dir / f"{colour}.jpg")]}) + "\n")
+        f.write(json.dumps({"id": "bad", "text": IMG, "images": ["missing.jpg"]}) + "\n")
+    common = [
+        "--input",
+        str(data),
+        "--hf_img2seq",
+        blip_dir,
+        "--do_sample",
+        "false",
+        "--max_new_tokens",
+        "3",
+        "--caption_num",
+        "2",
+        "--keep_candidate_mode",
+        "all",
+    ]
+    run([*common, "--output", str(tmp_path / "direct"), "--failed_output", str(tmp_path / "directf")])
+    portable = [
+        *common,
+        "--output",
+        str(tmp_path / "port"),
+        "--failed_output",
+        str(tmp_path / "portf"),
+        "--runner=PortableRunner",
+        f"--job_endpoint=localhost:{job_port}",
+        "--environment_type=EXTERNAL",
+        f"--environment_config=localhost:{pool_port}",
+    ]
+    errors = []
+    worker = threading.Thread(target=lambda: _capture(errors, run, portable), daemon=True)
+    worker.start()
+    worker.join(timeout=240)
+    assert not worker.is_alive(), "the portable job did not finish in 240 s"
+    assert not errors, errors
+    assert len(_rows(str(tmp_path / "direct"))) == 9
+    assert _rows(str(tmp_path / "port")) == _rows(str(tmp_path / "direct"))
+    assert _rows(str(tmp_path / "portf")) == _rows(str(tmp_path / "directf"))
+
+
+def _capture(errors, fn, argv):
+    try:
+        fn(argv)
+    except Exception as e:  # surfaced by the test thread
+        errors.append(repr(e))
