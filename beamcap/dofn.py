@@ -105,7 +105,7 @@ def _parse(sample: Any, config: CaptionConfig) -> _Work:
     return work
 
 
-def _load_images(work: _Work, config: CaptionConfig) -> None:
+def _load_images(work: _Work, config: CaptionConfig, draft_size: int | None) -> None:
     refs = work.sample[config.image_key]
     loaded: dict[Any, Image.Image] = {}
     for index in work.plan.image_indices:
@@ -272,7 +272,7 @@ class CaptionDoFn(beam.DoFn):
         works = [_parse(sample, config) for sample, _ in batch]
         for work in works:
             if work.needs_captions:
-                _load_images(work, config)
+                _load_images(work, config, self._captioner.input_size)
         self._caption_all(works)
         self._log_progress(
             len(works),

@@ -124,10 +124,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, ref: Any, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     """Decode encoded bytes into an RGB image: first frame, EXIF orientation applied.
 
-    Images declaring more than ``max_pixels`` pixels are refused before their
+    With ``draft_size``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4,
+    1/8) that keeps both sides at least ``draft_size`` pixels: much faster when
+    the model's processor downsizes the image anyway. Images declaring more than ``max_pixels`` pixels are refused before their
     pixels are decoded, so a decompression bomb cannot exhaust memory. Pillow's
     own process-wide ``Image.MAX_IMAGE_PIXELS`` also applies: the effective
     limit is the smaller of the two.
@@ -145,6 +147,8 @@ def decode_image(data: bytes, ref: Any, max_pixels: int) -> Image.Image:
             )
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
+        if draft_size and image.format == "JPEG":
+            image.draft(image.mode, (draft_size, draft_size))
         image.load()
         image = ImageOps.exif_transpose(image) or image
         return to_rgb(image)
@@ -164,6 +168,7 @@ def load_image(
     image_root: str | None = None,
     base_dir: str | None = None,
     max_pixels: int = Image.MAX_IMAGE_PIXELS or 178_956_970,
+    draft_size: int | None = None,
 ) -> Image.Image:
     """Read and decode one image reference into an RGB :class:`PIL.Image.Image`."""
-    return decode_image(read_bytes(ref, image_root, base_dir), ref, max_pixels)
+    return decode_image(read_bytes(ref, image_root, base_dir), ref, max_pixels, draft_size)

@@ -137,6 +137,23 @@ def align_image_token_id(model: Any, processor: Any) -> None:
             setattr(model.config, attr, token_id)
 
 
+def processor_input_size(image_processor: Any) -> int | None:
+    """The largest side the image processor resizes to, when it always resizes to a fixed size."""
+    size = getattr(image_processor, "size", None)
+    if not getattr(image_processor, "do_resize", False) or size is None:
+        return None
+    if isinstance(size, int):
+        return size
+
+    def side(key: str) -> Any:
+        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+    if any(side(k) for k in ("longest_edge", "max_pixels", "max_height", "max_width")):
+        return None  # resolution-dependent resizing: decode in full
+    sides = [v for v in (side("height"), side("width"), side("shortest_edge")) if isinstance(v, int)]
+    return max(sides) if sides else None
+
+
 class Captioner:
     """A loaded model with what it needs to caption a list of images in one ``generate`` call."""
 
@@ -149,6 +166,7 @@ class Captioner:
         self.dtype = next(model.parameters()).dtype
         self.load_secs = 0.0
         self._accepts = set(inspect.signature(model.forward).parameters)
+        self.input_size = processor_input_size(image_processor)
         self._is_encoder_decoder_folder = processor is None
 
     def prepare(self, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:

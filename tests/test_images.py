@@ -155,3 +155,22 @@ def test_image_root_confinement(tmp_path):
     for ref in ["../out.png", outside, "link.png", "http://127.0.0.1:9/x.png"]:
         with pytest.raises(ImageLoadError, match="refused"):
             load_image(ref, image_root=str(root))
+
+
+def test_jpeg_draft_decodes_smaller_but_never_below_the_target(tmp_path):
+    Image.new("RGB", (640, 480), (0, 90, 200)).save(tmp_path / "big.jpg", quality=90)
+    Image.new("RGB", (640, 480), (0, 90, 200)).save(tmp_path / "big.png")
+    small = load_image(str(tmp_path / "big.jpg"), draft_size=96)
+    assert small.size == (160, 120) and small.getpixel((5, 5))[2] > 150
+    assert load_image(str(tmp_path / "big.jpg"), draft_size=400).size == (640, 480)
+    assert load_image(str(tmp_path / "big.png"), draft_size=96).size == (640, 480)  # only JPEG has draft mode
+
+
+def test_processor_input_size():
+    from transformers import BlipImageProcessor, CLIPImageProcessor
+
+    from beamcap.model import processor_input_size
+
+    assert processor_input_size(BlipImageProcessor(size={"height": 96, "width": 96})) == 96
+    assert processor_input_size(CLIPImageProcessor(size={"shortest_edge": 224})) == 224
+    assert processor_input_size(BlipImageProcessor(do_resize=False)) is None

@@ -1,0 +1,298 @@
+"""beamcap beside the floor, the reference's method and RunInference: one run, one model, ratios.
+
+    python -m benchmarks.run --quick          # the demo model: a few minutes on 2 cores
+    python -m benchmarks.run                  # a BLIP with real (base) dimensions, random weights: slow on CPU
+    python -m benchmarks.run --smoke          # seconds; used by the tests to keep this from rotting
+
+Every method uses the same loaded model, the same 640x480 JPEGs and the same
+generation settings (``do_sample=True``; a random-weight model also gets
+``min_new_tokens = max_new_tokens`` so every method generates the same length):
+
+- floor: ``model.generate`` alone on tensors preprocessed before timing;
+- beamcap: the captioning DoFn's ``process()`` on batches (images read and
+  decoded inline, model loaded before timing): the steady state; and the whole
+  ``CaptionImages`` pipeline on DirectRunner, wall time including start and load;
+- reference: Data-Juicer's method: images decoded inline, the processor called
+  per sub-batch of ``gpu_batch_size`` and a full ``generate`` run once per candidate;
+- runinference: Beam's RunInference with a ModelHandler doing the same
+  preprocessing and one ``generate`` with ``num_return_sequences``; steady state
+  (``run_inference`` on batches) and the whole pipeline.
+
+Absolute times on shared machines are noise: read the ratios, measured side by
+side with methods interleaved, each repeated (median and min-max spread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import apache_beam as beam  # noqa: E402
+import torch  # noqa: E402
+from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
+from apache_beam.ml.inference.base import ModelHandler, RunInference  # noqa: E402
+from apache_beam.utils.timestamp import MIN_TIMESTAMP  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages, demo_model_path  # noqa: E402
+from beamcap.demo.shapes import Scene, draw_scene  # noqa: E402
+from beamcap.dofn import CaptionDoFn  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    caption_num: int
+    batch: int  # images per generate call (gpu_batch_size)
+    tokens: int
+    samples_per_call: int | None = None  # the reference's grouping of samples (None: = batch)
+
+    def label(self) -> str:
+        grouping = f", {self.samples_per_call} samples/call" if self.samples_per_call else ""
+        return f"caption_num={self.caption_num}, batch={self.batch}, tokens={self.tokens}{grouping}"
+
+
+def make_images(folder: str, n: int) -> list[str]:
+    rng = random.Random(0)
+    paths = []
+    for i in range(n):
+        scene = Scene(rng.choice(["red", "green", "blue", "yellow"]), rng.choice(["circle", "square"]), 1 + i % 3)
+        path = os.path.join(folder, f"img{i:03d}.jpg")
+        draw_scene(scene, rng, "eval").resize((640, 480)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def build_blip_base(folder: str) -> str:
+    """A BLIP with the dimensions of Salesforce/blip-image-captioning-base, random weights."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30524 - 5)]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    config = BlipConfig(
+        text_config=dict(vocab_size=30524, bos_token_id=tok.cls_token_id, pad_token_id=0, sep_token_id=3),
+        vision_config=dict(image_size=384),
+    )
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    model.save_pretrained(folder)
+    BlipProcessor(BlipImageProcessor(size={"height": 384, "width": 384}), tok).save_pretrained(folder)
+    return folder
+
+
+class CaptionHandler(ModelHandler):
+    """What a Beam user would write for RunInference: preprocess, one generate, decode."""
+
+    def __init__(self, captioner, settings):
+        super().__init__()
+        self._captioner, self._settings = captioner, settings
+
+    def load_model(self):
+        return self._captioner
+
+    def run_inference(self, batch, model, inference_args=None):
+        inputs = model.prepare(batch, None)
+        with torch.inference_mode():
+            out = model.model.generate(**inputs, **self._settings)
+        n = self._settings["num_return_sequences"]
+        texts = model.decode(out)
+        return [texts[i * n : (i + 1) * n] for i in range(len(batch))]
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": self._batch, "max_batch_size": self._batch}
+
+    def with_batch(self, batch):
+        self._batch = batch
+        return self
+
+
+def decode(path: str) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+class Bench:
+    def __init__(self, model_path: str, paths: list[str], extra: dict):
+        self.model_path, self.paths, self.extra = model_path, paths, extra
+        self.dofn = None
+
+    def _config(self, case: Case, **kw) -> CaptionConfig:
+        return CaptionConfig(
+            self.model_path, caption_num=case.caption_num, keep_candidate_mode="all", gpu_batch_size=case.batch,
+            max_new_tokens=case.tokens, device="cpu" if not torch.cuda.is_available() else None,
+            generate_kwargs=dict(self.extra, **({"min_new_tokens": case.tokens} if self.extra else {})), **kw,
+        )  # fmt: skip
+
+    def _settings(self, case: Case) -> dict:
+        return self._config(case).generation_settings()
+
+    def captioner(self, case: Case):
+        if self.dofn is None:
+            self.dofn = CaptionDoFn(self._config(case), handle_failures=True)
+            self.dofn.setup()
+        return self.dofn._captioner
+
+    def floor(self, case: Case) -> float:
+        cap, settings = self.captioner(case), self._settings(case)
+        batches = [cap.prepare([decode(p) for p in self.paths[i : i + case.batch]], None)
+                   for i in range(0, len(self.paths), case.batch)]  # fmt: skip
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for inputs in batches:
+                cap.model.generate(**inputs, **settings)
+        return time.perf_counter() - start
+
+    def beamcap(self, case: Case) -> float:
+        self.captioner(case)
+        dofn = CaptionDoFn(self._config(case), handle_failures=True)
+        dofn._captioner, dofn._settings = self.dofn._captioner, self._settings(case)
+        dofn._progress, dofn._started = {"samples": 0, "images": 0, "failed": 0}, time.monotonic()
+        dofn._last_log = dofn._started
+        samples = [({"text": "<__dj__image>", "images": [p]}, MIN_TIMESTAMP) for p in self.paths]
+        start = time.perf_counter()
+        for i in range(0, len(samples), case.batch):
+            for _ in dofn.process(samples[i : i + case.batch]):
+                pass
+        return time.perf_counter() - start
+
+    def reference(self, case: Case) -> float:
+        """Data-Juicer's way: per call, images decoded inline, sub-batches of gpu_batch_size,
+        the processor per sub-batch, a full generate per candidate."""
+        cap, group = self.captioner(case), case.samples_per_call or case.batch
+        settings = dict(self._settings(case), num_return_sequences=1)
+        start = time.perf_counter()
+        for i in range(0, len(self.paths), group):
+            images = [decode(p) for p in self.paths[i : i + group]]
+            for j in range(0, len(images), case.batch):
+                inputs = cap.prepare(images[j : j + case.batch], None)
+                for _ in range(case.caption_num):
+                    with torch.inference_mode():
+                        cap.decode(cap.model.generate(**inputs, **settings))
+        return time.perf_counter() - start
+
+    def runinference(self, case: Case) -> float:
+        handler = CaptionHandler(self.captioner(case), self._settings(case))
+        model = handler.load_model()
+        start = time.perf_counter()
+        for i in range(0, len(self.paths), case.batch):
+            handler.run_inference([decode(p) for p in self.paths[i : i + case.batch]], model)
+        return time.perf_counter() - start
+
+    def beamcap_pipeline(self, case: Case) -> tuple[float, int]:
+        samples = [{"text": "<__dj__image>", "images": [p]} for p in self.paths]
+        start = time.perf_counter()
+        p = beam.Pipeline()
+        _ = p | beam.Create(samples) | CaptionImages.from_config(self._config(case, min_batch_size=case.batch))
+        result = p.run()
+        result.wait_until_finish()
+        loads = sum(c.committed for c in result.metrics().query(
+            MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name("model_loads"))["counters"])  # fmt: skip
+        return time.perf_counter() - start, loads
+
+    def runinference_pipeline(self, case: Case) -> tuple[float, int]:
+        handler = CaptionHandler(self.captioner(case), self._settings(case)).with_batch(case.batch)
+        start = time.perf_counter()
+        p = beam.Pipeline()
+        _ = p | beam.Create(self.paths) | beam.Map(decode) | RunInference(handler)
+        result = p.run()
+        result.wait_until_finish()
+        loads = sum(d.committed.count for d in result.metrics().query(
+            MetricsFilter().with_name("load_model_latency_milli_secs"))["distributions"])  # fmt: skip
+        return time.perf_counter() - start, loads
+
+
+def median_spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def measure(bench: Bench, case: Case, repeats: int) -> dict[str, list[float]]:
+    methods: dict[str, Callable[[Case], float]] = {
+        "floor": bench.floor, "beamcap": bench.beamcap, "reference": bench.reference, "runinference": bench.runinference,
+    }  # fmt: skip
+    bench.beamcap(case)  # warm-up (allocator, lazy imports)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():  # interleaved, so drift hits every method alike
+            times[name].append(fn(case))
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the demo model")
+    mode.add_argument("--smoke", action="store_true", help="tiny: a few seconds")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beamcap-bench"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    os.makedirs(args.cache, exist_ok=True)
+    if args.smoke or args.quick:
+        model, extra = demo_model_path(), {}
+        cases = [Case(1, 4, 4), Case(2, 4, 4)] if args.smoke else [
+            Case(c, b, 16) for c in (1, 4) for b in (1, 8, 16)] + [Case(1, 8, 16, samples_per_call=10)]  # fmt: skip
+        n = args.images or (8 if args.smoke else 80)
+    else:
+        model, extra = build_blip_base(os.path.join(args.cache, "blip-base-random")), {"min_new_tokens": 0}
+        cases = [Case(1, 8, 16), Case(4, 8, 16), Case(1, 8, 128), Case(4, 8, 128), Case(1, 8, 16, samples_per_call=10)]
+        n = args.images or 40
+    repeats = 1 if args.smoke else args.repeats
+    image_dir = os.path.join(args.cache, f"images-{n}")
+    os.makedirs(image_dir, exist_ok=True)
+    bench = Bench(model, make_images(image_dir, n), extra)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"# beamcap benchmark: {'smoke' if args.smoke else 'quick' if args.quick else 'BLIP-base'}, {n} images "
+        f"640x480, {repeats} repeats, {device}, torch {torch.__version__}, Python {platform.python_version()}"
+    )
+    print(f"model: {model}\n")
+    print(
+        "| case | floor img/s | beamcap img/s | reference img/s | RunInference img/s | beamcap/floor | "
+        "beamcap/reference | beamcap/RunInference |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for case in cases:
+        times = measure(bench, case, repeats)
+        rate = {k: [n / t for t in v] for k, v in times.items()}
+        med = {k: median_spread(v) for k, v in rate.items()}
+        ratio = {k: median_spread([a / b for a, b in zip(rate["beamcap"], rate[k], strict=True)])
+                 for k in ("floor", "reference", "runinference")}  # fmt: skip
+        cells = [
+            f"{m:.2f} ({lo:.2f}-{hi:.2f})"
+            for m, lo, hi in (med[k] for k in ("floor", "beamcap", "reference", "runinference"))
+        ]
+        cells += [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ratio.values()]
+        print(f"| {case.label()} | " + " | ".join(cells) + " |", flush=True)
+    case = cases[0]
+    bc_wall, bc_loads = bench.beamcap_pipeline(case)
+    ri_wall, ri_loads = bench.runinference_pipeline(case)
+    print(
+        f"\nwhole pipelines on DirectRunner ({case.label()}, start and model load included): "
+        f"beamcap {bc_wall:.1f} s ({n / bc_wall:.2f} img/s, model loaded {bc_loads}x), "
+        f"RunInference {ri_wall:.1f} s ({n / ri_wall:.2f} img/s, model loaded {ri_loads}x)"
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory of the benchmark process: {peak:.0f} MB")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
