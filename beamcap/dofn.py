@@ -118,6 +118,7 @@ def _load_images(work: _Work, config: CaptionConfig, draft_size: int | None) -> 
                     image_root=config.image_root,
                     base_dir=config.image_base_dir,
                     max_pixels=config.max_image_pixels,
+                    draft_size=draft_size,
                 )
         except ImageLoadError as e:
             work.error = f"{e} ({config.image_key}[{index}])"

@@ -31,6 +31,26 @@ from beamcap.seeding import derive_seed
 _LOGGER = logging.getLogger(__name__)
 _LOAD_LOCK = threading.Lock()
 DEMO_MODEL_ALIAS = "beamcap-demo"
+DEFAULT_CHAT_PROMPT = "Describe this image."
+DEFAULT_TASK_PROMPT = "<CAPTION>"
+TASK_MODEL_TYPES = frozenset({"florence2"})
+
+
+def input_kind(model_config: Any, processor: Any) -> str:
+    """How a model wants its prompt, from its loaded config and processor (never its name).
+
+    ``'chat'``: the processor has a chat template: the prompt becomes a user
+    message with the image. ``'task'``: Florence-2-style task tokens.
+    ``'prefix'``: BLIP, BLIP-2, GIT, PaliGemma, VisionEncoderDecoder: the
+    prompt is a text prefix, as in the reference.
+    """
+    if processor is None:
+        return "prefix"
+    if model_config.model_type in TASK_MODEL_TYPES:
+        return "task"
+    if getattr(processor, "chat_template", None):
+        return "chat"
+    return "prefix"
 
 
 def resolve_model_path(hf_img2seq: str) -> str:
@@ -159,6 +179,9 @@ class Captioner:
 
     def __init__(self, model: Any, processor: Any, tokenizer: Any, image_processor: Any, device: torch.device):
         self.model = model
+        self.kind = input_kind(model.config, processor)
+        if self.kind == "chat" and not model.config.is_encoder_decoder and tokenizer is not None:
+            tokenizer.padding_side = "left"  # batched decoder-only generation needs the prompt flush right
         self.processor = processor  # None for VisionEncoderDecoder folders
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -178,8 +201,9 @@ class Captioner:
                 prefix = [start, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
                 inputs["decoder_input_ids"] = torch.tensor([prefix] * len(images), dtype=torch.long)
         else:
-            text = [prompt] * len(images) if prompt is not None else None
-            inputs = dict(self.processor(images=list(images), text=text, return_tensors="pt"))
+            text = [self.prompt_text(prompt)] * len(images) if prompt is not None or self.kind != "prefix" else None
+            padding = {"padding": True} if self.kind == "chat" else {}
+            inputs = dict(self.processor(images=list(images), text=text, return_tensors="pt", **padding))
         if "token_type_ids" in inputs and "token_type_ids" not in self._accepts:
             del inputs["token_type_ids"]
         return {
@@ -187,9 +211,33 @@ class Captioner:
             for k, v in inputs.items()
         }
 
-    def decode(self, sequences: torch.Tensor) -> list[str]:
-        """Generated token ids to text, special tokens skipped (as the reference)."""
-        return (self.processor or self.tokenizer).batch_decode(sequences, skip_special_tokens=True)
+    def prompt_text(self, prompt: str | None) -> str:
+        """The text input for one image: the prompt, a task token, or a rendered chat turn."""
+        if self.kind == "task":
+            return prompt or DEFAULT_TASK_PROMPT
+        if self.kind == "chat":
+            messages = [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": prompt or DEFAULT_CHAT_PROMPT}],
+                }
+            ]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt
+
+    def decode(self, sequences: torch.Tensor, input_length: int = 0) -> list[str]:
+        """Generated token ids to text, special tokens skipped.
+
+        Prefix models keep the reference's rule (the whole output, so a BLIP
+        prompt starts the caption); chat and task models give only the newly
+        generated tokens of a decoder-only model, stripped.
+        """
+        decoder = self.processor or self.tokenizer
+        if self.kind == "prefix":
+            return decoder.batch_decode(sequences, skip_special_tokens=True)
+        if not self.model.config.is_encoder_decoder:
+            sequences = sequences[:, input_length:]
+        return [text.strip() for text in decoder.batch_decode(sequences, skip_special_tokens=True)]
 
     def caption(
         self,
@@ -211,7 +259,8 @@ class Captioner:
             settings = seeded_settings(self.model, settings, row_seeds)
         with torch.inference_mode():
             sequences = self.model.generate(**inputs, **settings)
-        texts = self.decode(sequences)
+        input_ids = inputs.get("input_ids")
+        texts = self.decode(sequences, input_ids.shape[1] if input_ids is not None else 0)
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]
 
 

@@ -268,3 +268,18 @@ def test_timestamps_and_windows_are_kept(blip_dir, image_dir):
             | beam.Map(_describe)
         )
         assert_that(out, keeps_timestamps_and_windows)
+
+
+def test_jpegs_are_decoded_in_draft_mode_at_the_model_input_size(blip_dir, tmp_path):
+    from PIL import Image
+
+    from beamcap.dofn import _load_images, _parse
+
+    Image.new("RGB", (640, 480), "red").save(tmp_path / "big.jpg")
+    config = CaptionConfig(blip_dir)
+    dofn = CaptionDoFn(config)
+    dofn.setup()
+    assert dofn._captioner.input_size == 32  # the tiny BLIP's processor size
+    work = _parse({"text": IMG, "images": [str(tmp_path / "big.jpg")]}, config)
+    _load_images(work, config, dofn._captioner.input_size)
+    assert work.images[0].size == (80, 60)  # 1/8 scale: the smallest that keeps both sides >= 32
