@@ -84,6 +84,8 @@ class CaptionConfig:
     max_image_pixels: int = _DEFAULT_MAX_IMAGE_PIXELS
     min_batch_size: int = 1
     max_batch_size: int | None = None
+    large_model: bool = False
+    model_copies: int | None = None
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +144,9 @@ class CaptionConfig:
                 f"min_batch_size ({self.min_batch_size}) must be <= the batch bound (gpu_batch_size "
                 f"{self.gpu_batch_size}); raise max_batch_size too"
             )
+        _check_type("large_model", self.large_model, bool, "a bool")
+        if self.model_copies is not None:
+            _check_positive_int("model_copies", self.model_copies)
         _check_type("generate_kwargs", self.generate_kwargs, dict, "a dict of generate() arguments")
         set_(self, "generate_kwargs", dict(self.generate_kwargs))
         reserved = sorted(_RESERVED_GENERATE_KEYS & self.generate_kwargs.keys())
@@ -163,6 +168,11 @@ class CaptionConfig:
                 self.prompt_key,
                 self.prompt,
             )
+
+    @property
+    def shares_across_processes(self) -> bool:
+        """One model (or model_copies models) per machine, shared by every SDK worker process."""
+        return self.large_model or self.model_copies is not None
 
     @property
     def special_tokens(self) -> SpecialTokens:

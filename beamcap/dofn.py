@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -177,10 +178,23 @@ class CaptionDoFn(beam.DoFn):
             self._loaded_here = True
             return load_captioner(self._config)
 
-        self._captioner = self._shared_handle.acquire(load, tag=self._model_tag())
+        if self._config.shares_across_processes:
+            self._captioner = self._acquire_across_processes(load)
+        else:
+            self._captioner = self._shared_handle.acquire(load, tag=self._model_tag())
+        self._info = self._captioner.info()
         self._settings = self._config.generation_settings()
         self._progress = {"samples": 0, "images": 0, "failed": 0}
         self._started = self._last_log = time.monotonic()
+
+    def _acquire_across_processes(self, load):
+        """The machine-wide model (one of ``model_copies``), served to every process by a proxy."""
+        from apache_beam.utils.multi_process_shared import MultiProcessShared
+
+        copies = self._config.model_copies or 1
+        digest = hashlib.sha256(self._model_tag().encode()).hexdigest()[:16]
+        tag = f"beamcap-{digest}-{random.randrange(copies)}"
+        return MultiProcessShared(load, tag=tag, always_proxy=True).acquire()
 
     def _log_progress(self, samples: int, images: int, failed: int) -> None:
         """A progress line from this DoFn instance every PROGRESS_EVERY_SECS."""
@@ -205,7 +219,7 @@ class CaptionDoFn(beam.DoFn):
             self._load_reported = True
             if self._loaded_here:
                 self._model_loads.inc()
-                self._load_ms.update(int(self._captioner.load_secs * 1000))
+                self._load_ms.update(int(self._info["load_secs"] * 1000))
 
     def _generate(
         self, images: Sequence[Image.Image], prompt: str | None, seeds: Sequence[int] | None
@@ -273,7 +287,7 @@ class CaptionDoFn(beam.DoFn):
         works = [_parse(sample, config) for sample, _ in batch]
         for work in works:
             if work.needs_captions:
-                _load_images(work, config, self._captioner.input_size)
+                _load_images(work, config, self._info["input_size"])
         self._caption_all(works)
         self._log_progress(
             len(works),

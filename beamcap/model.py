@@ -211,6 +211,15 @@ class Captioner:
             for k, v in inputs.items()
         }
 
+    def info(self) -> dict[str, Any]:
+        """Plain facts about the loaded model (readable through a cross-process proxy)."""
+        return {
+            "input_size": self.input_size,
+            "load_secs": self.load_secs,
+            "kind": self.kind,
+            "device": str(self.device),
+        }
+
     def prompt_text(self, prompt: str | None) -> str:
         """The text input for one image: the prompt, a task token, or a rendered chat turn."""
         if self.kind == "task":

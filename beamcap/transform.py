@@ -89,6 +89,10 @@ class CaptionImages(beam.PTransform):
         max_image_pixels: images declaring more pixels are refused.
         min_batch_size, max_batch_size: batch bounds in images (default max:
             ``gpu_batch_size``).
+        large_model: one model per machine, shared by every SDK worker process
+            (``MultiProcessShared``, as RunInference's ``large_model``).
+        model_copies: N models per machine shared by the processes (implies
+            cross-process sharing); e.g. one per GPU-memory budget.
         **generate_kwargs: further ``generate`` arguments (``num_beams``, ``top_p``, ...).
     """
 
@@ -117,6 +121,8 @@ class CaptionImages(beam.PTransform):
         max_image_pixels: int | None = None,
         min_batch_size: int = 1,
         max_batch_size: int | None = None,
+        large_model: bool = False,
+        model_copies: int | None = None,
         **generate_kwargs: Any,
     ):
         super().__init__()
@@ -143,6 +149,8 @@ class CaptionImages(beam.PTransform):
             image_base_dir=image_base_dir,
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
+            large_model=large_model,
+            model_copies=model_copies,
             generate_kwargs=generate_kwargs,
             **extras,
         )

@@ -159,3 +159,43 @@ def _capture(errors, fn, argv):
         fn(argv)
     except Exception as e:  # surfaced by the test thread
         errors.append(repr(e))
+
+
+def test_large_model_loads_once_across_worker_processes(tmp_path, blip_dir, image_dir, capsys):
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            colour = ["red", "green", "blue", "yellow"][i % 4]
+            f.write(json.dumps({"id": i, "text": f"{IMG}x", "images": [str(image_dir / f"{colour}.jpg")]}) + "\n")
+    common = [
+        "--input",
+        str(data),
+        "--hf_img2seq",
+        blip_dir,
+        "--do_sample",
+        "false",
+        "--max_new_tokens",
+        "3",
+        "--gpu_batch_size",
+        "2",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=2",
+    ]
+    run([*common, "--output", str(tmp_path / "per_process")])
+    capsys.readouterr()
+    run([*common, "--output", str(tmp_path / "shared"), "--large_model", "true"])
+    summary = json.loads(capsys.readouterr().out.split("beamcap summary:")[1].strip().splitlines()[0])
+    assert summary["model_loads"] == 1
+    assert _rows(str(tmp_path / "shared")) == _rows(str(tmp_path / "per_process"))
+    assert len(_rows(str(tmp_path / "shared"))) == 32
+
+
+def test_large_model_in_memory(blip_dir, image_dir):
+    from helpers import run_dofn
+
+    from beamcap import CaptionConfig
+
+    samples = [{"text": IMG, "images": [str(image_dir / "red.jpg")]}]
+    shared = run_dofn(CaptionConfig(blip_dir, large_model=True, do_sample=False, max_new_tokens=3), samples)
+    local = run_dofn(CaptionConfig(blip_dir, do_sample=False, max_new_tokens=3), samples)
+    assert shared == local
