@@ -82,6 +82,7 @@ class CaptionConfig:
     image_root: str | None = None
     image_base_dir: str | None = None
     max_image_pixels: int = _DEFAULT_MAX_IMAGE_PIXELS
+    max_input_pixels: int | None = None
     min_batch_size: int = 1
     max_batch_size: int | None = None
     large_model: bool = False
@@ -132,6 +133,8 @@ class CaptionConfig:
             set_(self, "image_base_dir", str(self.image_base_dir))
         _check_type("image_base_dir", self.image_base_dir, (str, type(None)), "a folder path (str) or None")
         _check_positive_int("max_image_pixels", self.max_image_pixels)
+        if self.max_input_pixels is not None:
+            _check_positive_int("max_input_pixels", self.max_input_pixels)
         _check_positive_int("min_batch_size", self.min_batch_size)
         if self.max_batch_size is not None:
             _check_positive_int("max_batch_size", self.max_batch_size)

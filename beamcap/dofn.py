@@ -28,7 +28,7 @@ from PIL import Image
 
 from beamcap.config import CaptionConfig
 from beamcap.dj_format import TextPlan, plan_text, render_text
-from beamcap.images import ImageLoadError, describe_ref, load_image
+from beamcap.images import ImageLoadError, describe_ref, fit_pixels, load_image
 from beamcap.isolation import call_isolating
 from beamcap.retention import KeepMode, choose_captions, sample_rng
 from beamcap.seeding import derive_seed
@@ -124,7 +124,7 @@ def _load_images(work: _Work, config: CaptionConfig, draft_size: int | None) -> 
         except ImageLoadError as e:
             work.error = f"{e} ({config.image_key}[{index}])"
             return
-        work.images[index] = loaded[key]
+        work.images[index] = fit_pixels(loaded[key], config.max_input_pixels)
 
 
 def with_timestamp(sample: Any, timestamp=beam.DoFn.TimestampParam) -> tuple[Any, Timestamp]:

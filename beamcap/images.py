@@ -162,6 +162,16 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
         raise ImageLoadError(ref, f"corrupt or truncated image: {e}") from e
 
 
+def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """``image`` downscaled (aspect kept) to at most ``max_pixels`` pixels; unchanged when it fits."""
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return image
+    scale = (max_pixels / (width * height)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def load_image(
     ref: Any,
     *,

@@ -87,6 +87,9 @@ class CaptionImages(beam.PTransform):
         image_base_dir: relative image paths resolve against it (a local folder
             or a Beam filesystem path); nothing is refused.
         max_image_pixels: images declaring more pixels are refused.
+        max_input_pixels: images with more pixels are downscaled (aspect kept)
+            before the processor: bounds the cost of models whose input grows
+            with resolution (Qwen2-VL's dynamic resolution).
         min_batch_size, max_batch_size: batch bounds in images (default max:
             ``gpu_batch_size``).
         large_model: one model per machine, shared by every SDK worker process
@@ -119,6 +122,7 @@ class CaptionImages(beam.PTransform):
         image_root: str | None = None,
         image_base_dir: str | None = None,
         max_image_pixels: int | None = None,
+        max_input_pixels: int | None = None,
         min_batch_size: int = 1,
         max_batch_size: int | None = None,
         large_model: bool = False,
@@ -147,6 +151,7 @@ class CaptionImages(beam.PTransform):
             torch_dtype=torch_dtype,
             image_root=image_root,
             image_base_dir=image_base_dir,
+            max_input_pixels=max_input_pixels,
             min_batch_size=min_batch_size,
             max_batch_size=max_batch_size,
             large_model=large_model,

@@ -44,6 +44,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "--image_base_dir", default=None, help="relative image paths resolve here (default: the input's folder)"
     )
     g.add_argument("--max_image_pixels", type=int, default=CaptionConfig.max_image_pixels)
+    g.add_argument("--max_input_pixels", type=int, default=None, help="downscale larger images before the model")
     g.add_argument("--min_batch_size", type=int, default=1)
     g.add_argument("--max_batch_size", type=int, default=None)
     g.add_argument("--large_model", type=_bool, default=False, help="one model per machine, shared by processes")
@@ -54,7 +55,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
 CAPTION_FIELDS = [
     "hf_img2seq", "trust_remote_code", "caption_num", "keep_candidate_mode", "keep_original_sample", "prompt",
     "prompt_key", "gpu_batch_size", "text_key", "image_key", "image_token", "eoc_token", "max_new_tokens",
-    "do_sample", "seed", "device", "torch_dtype", "image_root", "image_base_dir", "max_image_pixels",
+    "do_sample", "seed", "device", "torch_dtype", "image_root", "image_base_dir", "max_image_pixels", "max_input_pixels",
     "min_batch_size", "max_batch_size", "large_model", "model_copies", "generate_kwargs",
 ]  # fmt: skip
 

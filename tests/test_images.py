@@ -174,3 +174,13 @@ def test_processor_input_size():
     assert processor_input_size(BlipImageProcessor(size={"height": 96, "width": 96})) == 96
     assert processor_input_size(CLIPImageProcessor(size={"shortest_edge": 224})) == 224
     assert processor_input_size(BlipImageProcessor(do_resize=False)) is None
+
+
+def test_fit_pixels_downscales_keeping_aspect():
+    from beamcap.images import fit_pixels
+
+    image = Image.new("RGB", (2000, 1000))
+    assert fit_pixels(image, None) is image
+    assert fit_pixels(image, 3_000_000) is image
+    small = fit_pixels(image, 200_000)
+    assert small.size == (632, 316) and small.size[0] * small.size[1] <= 200_000

@@ -283,3 +283,14 @@ def test_jpegs_are_decoded_in_draft_mode_at_the_model_input_size(blip_dir, tmp_p
     work = _parse({"text": IMG, "images": [str(tmp_path / "big.jpg")]}, config)
     _load_images(work, config, dofn._captioner.input_size)
     assert work.images[0].size == (80, 60)  # 1/8 scale: the smallest that keeps both sides >= 32
+
+
+def test_max_input_pixels_downscales_before_the_model(blip_dir, image_dir):
+    from beamcap.dofn import _load_images, _parse
+
+    config = CaptionConfig(blip_dir, max_input_pixels=100)
+    work = _parse({"text": IMG, "images": [str(image_dir / "red.png")]}, config)
+    _load_images(work, config, None)
+    assert work.images[0].size == (11, 8)  # 48x36 scaled to fit 100 pixels
+    out = run_dofn(config, [{"text": IMG, "images": [str(image_dir / "red.png")]}])
+    assert len(out["generated"]) == 1
