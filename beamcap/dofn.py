@@ -280,7 +280,7 @@ class CaptionDoFn(beam.DoFn):
         ]
 
     def process(self, batch: Sequence[tuple[Any, Timestamp]]) -> Iterator[Any]:
-        """``batch`` holds (sample, its timestamp) pairs; every output keeps its sample's timestamp."""
+        """``batch`` holds (sample, timestamp) pairs; every output keeps its sample's timestamp."""
         self._report_load()
         config = self._config
         self._samples_in.inc(len(batch))

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-import functools
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.pvalue import PCollection
 
+from beamcap.batching import BatchByImages
 from beamcap.config import DEFAULT_MODEL, CaptionConfig
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN
-from beamcap.dofn import FAILED, GENERATED, ORIGINAL, CaptionDoFn, image_weight, with_timestamp
+from beamcap.dofn import FAILED, GENERATED, ORIGINAL, CaptionDoFn
 from beamcap.retention import KeepMode
 
 
@@ -179,15 +179,9 @@ class CaptionImages(beam.PTransform):
     def expand(self, samples: PCollection) -> PCollection | CaptionResult:
         refuse_unsafe_runner(samples.pipeline.runner)
         config = self.config
-        min_size, max_size = config.batch_bounds
-        weight = functools.partial(
-            image_weight, text_key=config.text_key, image_key=config.image_key, image_token=config.image_token
-        )
         outputs = (
             samples
-            | "KeepTimestamps" >> beam.Map(with_timestamp)
-            | "BatchByImages"
-            >> beam.BatchElements(min_batch_size=min_size, max_batch_size=max_size, element_size_fn=weight)
+            | "BatchByImages" >> BatchByImages(config)
             | "Caption"
             >> beam.ParDo(CaptionDoFn(config, self._handle_failures)).with_outputs(FAILED, ORIGINAL, main=GENERATED)
         )
