@@ -7,6 +7,7 @@ import os
 
 import apache_beam as beam
 import torch
+from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 from helpers import IMG, has_counts
@@ -60,3 +61,37 @@ def test_half_precision_inputs_follow_the_model(blip_dir, image_dir):
     inputs = captioner.prepare([Image.open(image_dir / "red.jpg")], "a photo of")
     assert inputs["pixel_values"].dtype is torch.bfloat16 and inputs["input_ids"].dtype is torch.long
     assert len(captioner.caption([Image.open(image_dir / "red.jpg")], None, {"max_new_tokens": 2})[0]) == 1
+
+
+class PrefixedLocalFileSystem(LocalFileSystem):
+    """A Beam filesystem for tests: ``beamcaptest://<local path>``, like a bucket but on local disk."""
+
+    PREFIX = "beamcaptest://"
+
+    @classmethod
+    def scheme(cls):
+        return "beamcaptest"
+
+    def _local(self, path):
+        return path[len(self.PREFIX) :] if path.startswith(self.PREFIX) else path
+
+    def match(self, patterns, limits=None):
+        results = super().match([self._local(p) for p in patterns], limits)
+        for result in results:
+            for metadata in result.metadata_list:
+                metadata.path = self.PREFIX + metadata.path
+        return results
+
+    def open(self, path, *args, **kwargs):
+        return super().open(self._local(path), *args, **kwargs)
+
+
+def test_hf_img2seq_on_a_beam_filesystem_path(blip_dir, image_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BEAMCAP_MODEL_CACHE", str(tmp_path / "cache"))
+    remote = PrefixedLocalFileSystem.PREFIX + blip_dir
+    sample = {"text": IMG, "images": [str(image_dir / "red.jpg")], "_orig": IMG}
+    with TestPipeline() as p:
+        out = p | beam.Create([sample]) | CaptionImages(remote, max_new_tokens=3)
+        assert_that(out, has_counts(1, 1))
+    (cached,) = os.listdir(tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path / "cache" / cached)) == sorted(os.listdir(blip_dir))

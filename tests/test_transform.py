@@ -294,3 +294,43 @@ def test_max_input_pixels_downscales_before_the_model(blip_dir, image_dir):
     assert work.images[0].size == (11, 8)  # 48x36 scaled to fit 100 pixels
     out = run_dofn(config, [{"text": IMG, "images": [str(image_dir / "red.png")]}])
     assert len(out["generated"]) == 1
+
+
+def _tagged(kind):
+    def describe(element, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam):
+        sample = element["sample"] if kind == "failed" else element
+        is_generated = kind == "good" and sample["text"].endswith(EOC)
+        return sample["id"], "generated" if is_generated else kind, float(ts), float(w.start)
+
+    return describe
+
+
+def test_stream_keeps_timestamps_and_windows_of_every_output(blip_dir, image_dir):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms import window
+
+    def at(i, ts, image="red.jpg"):
+        return window.TimestampedValue({"id": i, "text": IMG, "images": [str(image_dir / image)]}, ts)
+
+    stream = (
+        TestStream()
+        .add_elements([at(0, 3), at(1, 14, "missing.jpg")])
+        .advance_watermark_to(20)
+        .add_elements([at(2, 27)])
+        .advance_watermark_to_infinity()
+    )
+    expected = [
+        (0, "good", 3.0, 0.0), (0, "generated", 3.0, 0.0), (1, "failed", 14.0, 0.0),
+        (2, "good", 27.0, 20.0), (2, "generated", 27.0, 20.0),
+    ]  # fmt: skip
+    with TestPipeline(options=PipelineOptions(streaming=True)) as p:
+        result = (
+            p
+            | stream
+            | beam.WindowInto(window.FixedWindows(20))
+            | CaptionImages(blip_dir, **FAST).with_exception_handling()
+        )
+        good = result.good | "DescribeGood" >> beam.Map(_tagged("good"))
+        failed = result.failed | "DescribeFailed" >> beam.Map(_tagged("failed"))
+        assert_that((good, failed) | beam.Flatten(), equal_to(expected))
