@@ -12,7 +12,7 @@ import apache_beam as beam
 import pytest
 import torch
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import BeamAssertException, assert_that
+from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from helpers import IMG, canonical, process, run_dofn, same_elements
 from PIL import Image
 from test_images import png_with_declared_size
@@ -123,12 +123,21 @@ def test_odd_but_valid_inputs(blip_dir, image_dir, sample, originals, generated)
     Image.new("RGB", (10000, 10)).save(image_dir / "wide.png")
     frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
     frames[0].save(image_dir / "anim.gif", save_all=True, append_images=frames[1:])
-    out = run_dofn(
-        CaptionConfig(blip_dir, prompt="a photo of", prompt_key="p", image_root=str(image_dir), **FAST), [sample]
-    )
-    assert (len(out["original"]), len(out["generated"]), out["failed"]) == (originals, generated, [])
+    config = dict(prompt="a photo of", prompt_key="p", image_root=str(image_dir), **GREEDY)
+    alone = run_dofn(CaptionConfig(blip_dir, **config), [sample])
+    k = GREEDY["caption_num"]
+    assert (len(alone["original"]), len(alone["generated"]), alone["failed"]) == (originals, generated * k, [])
     if "p" in sample:
-        assert "a photo of" in out["generated"][0]["text"]
+        assert all("a photo of" in g["text"] for g in alone["generated"])
+    # Through the public transform, in a batch with good samples: they come out exactly as without it.
+    good = good_samples(image_dir)
+    expected = run_dofn(CaptionConfig(blip_dir, **config), [*good, sample], batch_size=1)
+    with TestPipeline() as p:
+        result = (
+            p | beam.Create([good[0], sample, *good[1:]]) | CaptionImages(blip_dir, **config).with_exception_handling()
+        )
+        assert_that(result.good, same_elements(expected["generated"] + expected["original"]), label="good")
+        assert_that(result.failed, equal_to([]), label="failed")
 
 
 @pytest.mark.parametrize("mode", ["random_any", "similar_one_simhash", "all"])
