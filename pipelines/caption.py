@@ -177,7 +177,7 @@ def run(argv: list[str] | None = None, save_main_session: bool = True, test_pipe
     result = pipeline.run()
     result.wait_until_finish()
     totals = summary(result, time.perf_counter() - start)
-    _LOGGER.info("beamcap summary: %s", json.dumps(totals, sort_keys=True))
+    _LOGGER.debug("beamcap summary: %s", json.dumps(totals, sort_keys=True))
     print("beamcap summary:", json.dumps(totals, sort_keys=True))
     return result
 

@@ -39,22 +39,33 @@ def _words(path: str) -> tuple[str, str]:
     return colour, shape
 
 
-def captions_follow_their_images(actual):
-    """Every generated sample: caption k (after the k-th image token) names image k's colour and shape."""
-    checked = 0
-    for sample in actual:
-        if sample["text"] == sample["_orig"]:
-            continue
-        captions = [part.split(EOC)[0].strip() for part in sample["text"].split(IMG)[1:]]
-        if len(captions) != len(sample["images"]):
-            raise BeamAssertException(f"{len(captions)} captions for {len(sample['images'])} images: {sample}")
-        for path, caption in zip(sample["images"], captions, strict=True):
-            colour, shape = _words(path)
-            if colour not in caption.split() or not any(w.startswith(shape) for w in caption.split()):
-                raise BeamAssertException(f"caption {caption!r} does not describe {os.path.basename(path)}")
-            checked += 1
-    if checked == 0:
-        raise BeamAssertException("no generated caption was checked")
+def captions_follow_their_images(min_right: float):
+    """Matcher: caption k (after the k-th image token) names image k's colour and shape.
+
+    Misrouted captions would be right about 1 time in 12 (4 colours x 3 shapes); the model itself is
+    right about 97% of the time, so ``min_right`` tells routing errors from the model's own.
+    """
+
+    def check(actual):
+        right = total = 0
+        wrong = []
+        for sample in actual:
+            if sample["text"] == sample["_orig"]:
+                continue
+            captions = [part.split(EOC)[0].strip() for part in sample["text"].split(IMG)[1:]]
+            if len(captions) != len(sample["images"]):
+                raise BeamAssertException(f"{len(captions)} captions for {len(sample['images'])} images: {sample}")
+            for path, caption in zip(sample["images"], captions, strict=True):
+                colour, shape = _words(path)
+                ok = colour in caption.split() and any(w.startswith(shape) for w in caption.split())
+                right += ok
+                total += 1
+                if not ok:
+                    wrong.append((os.path.basename(path), caption))
+        if total == 0 or right / total < min_right:
+            raise BeamAssertException(f"{right}/{total} captions describe their own image; wrong: {wrong}")
+
+    return check
 
 
 def routing_samples(files):
@@ -76,7 +87,7 @@ def test_each_caption_describes_its_own_image(scene_files, gpu_batch_size):
             | beam.Create(routing_samples(scene_files))
             | CaptionImages("beamcap-demo", gpu_batch_size=gpu_batch_size, do_sample=False, max_new_tokens=8)
         )
-        assert_that(out, captions_follow_their_images)
+        assert_that(out, captions_follow_their_images(min_right=0.9))
 
 
 def test_all_mode_and_sampling_still_route_right(scene_files):
@@ -88,7 +99,7 @@ def test_all_mode_and_sampling_still_route_right(scene_files):
                 "beamcap-demo", caption_num=3, keep_candidate_mode="all", seed=0, max_new_tokens=8, gpu_batch_size=4
             )
         )
-        assert_that(out, captions_follow_their_images)
+        assert_that(out, captions_follow_their_images(min_right=0.85))
 
 
 def test_bundled_demo_data_is_captioned_truthfully(tmp_path):
@@ -112,8 +123,9 @@ def test_bundled_demo_data_is_captioned_truthfully(tmp_path):
         ]
     )
     truth = json.load(open(os.path.join(data, "truth.json")))
+    inputs = [json.loads(line) for line in open(os.path.join(data, "samples.jsonl"))]
     rows = [json.loads(line) for line in open(next(tmp_path.glob("out*.jsonl")))]
-    generated = [r for r in rows if r["text"].endswith(EOC)]
+    generated = [r for r in rows if r not in inputs]
     assert len(rows) == 7 and len(generated) == 3
     right = total = 0
     for row in generated:
