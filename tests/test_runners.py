@@ -15,6 +15,7 @@ from pipelines.caption import run
 
 def test_dask_runner_is_refused_before_anything_runs(blip_dir):
     from apache_beam.runners.dask import dask_runner
+
     pipeline = beam.Pipeline(runner=dask_runner.DaskRunner())
     samples = pipeline | beam.Create([{"text": IMG, "images": []}])
     with pytest.raises(UnsupportedRunnerError, match="tagged outputs of a ParDo are not separated"):
