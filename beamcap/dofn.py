@@ -153,7 +153,6 @@ class CaptionDoFn(beam.DoFn):
         self._handle_failures = handle_failures
         self._shared_handle = shared.Shared()
         self._captioner = None
-        self._loaded_here = False
         self._load_reported = False
         ns = METRICS_NAMESPACE
         self._samples_in = Metrics.counter(ns, "samples_in")
@@ -174,10 +173,7 @@ class CaptionDoFn(beam.DoFn):
     def setup(self) -> None:
         from beamcap.model import load_captioner
 
-        def load():
-            self._loaded_here = True
-            return load_captioner(self._config)
-
+        load = functools.partial(load_captioner, self._config)
         if self._config.shares_across_processes:
             self._captioner = self._acquire_across_processes(load)
         else:
@@ -217,7 +213,7 @@ class CaptionDoFn(beam.DoFn):
         # Metrics updated in setup() are not reported: do it on the first bundle.
         if not self._load_reported:
             self._load_reported = True
-            if self._loaded_here:
+            if self._captioner.claim_load_report():
                 self._model_loads.inc()
                 self._load_ms.update(int(self._info["load_secs"] * 1000))
 

@@ -188,6 +188,8 @@ class Captioner:
         self.device = device
         self.dtype = next(model.parameters()).dtype
         self.load_secs = 0.0
+        self._load_reported = False
+        self._report_lock = threading.Lock()
         self._accepts = set(inspect.signature(model.forward).parameters)
         self.input_size = processor_input_size(image_processor)
         self._is_encoder_decoder_folder = processor is None
@@ -210,6 +212,16 @@ class Captioner:
             k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
             for k, v in inputs.items()
         }
+
+    def claim_load_report(self) -> bool:
+        """True for the first caller only: whoever gets it reports this load in the metrics.
+
+        The model may be shared by threads, DoFn instances, or (``large_model``) processes:
+        asking the model itself counts each load once.
+        """
+        with self._report_lock:
+            first, self._load_reported = not self._load_reported, True
+            return first
 
     def info(self) -> dict[str, Any]:
         """Plain facts about the loaded model (readable through a cross-process proxy)."""
