@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--quick", action="store_true", help="the demo model")
     mode.add_argument("--smoke", action="store_true", help="tiny: a few seconds")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--long", action="store_true", help="BLIP-base mode: also 128 new tokens (slow on CPU)")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beamcap-bench"))
     args = parser.parse_args(argv)
@@ -249,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         model, extra = demo_model_path(), {}
         cases = [Case(1, 4, 4), Case(2, 4, 4)] if args.smoke else [
             Case(c, b, 16) for c in (1, 4) for b in (1, 8, 16)] + [Case(1, 8, 16, samples_per_call=10)]  # fmt: skip
-        n = args.images or (8 if args.smoke else 80)
+        n = args.images or (8 if args.smoke else 64)
     else:
         model, extra = build_blip_base(os.path.join(args.cache, "blip-base-random")), {"min_new_tokens": 0}
-        cases = [Case(1, 8, 16), Case(4, 8, 16), Case(1, 8, 128), Case(4, 8, 128), Case(1, 8, 16, samples_per_call=10)]
-        n = args.images or 40
+        cases = [Case(1, 8, 16), Case(4, 8, 16), Case(1, 8, 16, samples_per_call=10)]
+        if args.long:
+            cases += [Case(1, 8, 128), Case(4, 8, 128)]
+        n = args.images or 16
     repeats = 1 if args.smoke else args.repeats
     image_dir = os.path.join(args.cache, f"images-{n}")
     os.makedirs(image_dir, exist_ok=True)

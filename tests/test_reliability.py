@@ -245,3 +245,31 @@ def test_many_threads_share_one_model(blip_dir, image_dir):
         outcomes = list(pool.map(worker, range(6)))
     assert len({id(captioner) for captioner, _ in outcomes}) == 1
     assert all(r == expected for _, results in outcomes for r in results)
+
+
+def _open_denying(path_suffix):
+    real_open = open
+
+    def guarded(path, *args, **kwargs):
+        if str(path).endswith(path_suffix):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    return guarded
+
+
+def test_unreadable_file_fails_alone_even_as_root(blip_dir, image_dir, tmp_path, monkeypatch):
+    """Root reads mode-000 files, so CI (root) cannot make one; the OS error is raised at open() instead."""
+    import beamcap.images
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked.jpg")
+    monkeypatch.setattr(beamcap.images, "open", _open_denying("locked.jpg"), raising=False)
+    good = good_samples(image_dir)
+    bad = {"text": IMG, "images": [str(tmp_path / "locked.jpg")]}
+    clean = run_dofn(CaptionConfig(blip_dir, **GREEDY), good, batch_size=3)
+    with TestPipeline() as p:
+        result = (
+            p | beam.Create([good[0], bad, *good[1:]]) | CaptionImages(blip_dir, **GREEDY).with_exception_handling()
+        )
+        assert_that(result.good, same_elements(clean["generated"] + clean["original"]), label="good")
+        assert_that(result.failed, failed_with(bad, "permission denied"), label="failed")
