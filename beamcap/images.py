@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import urllib.error
 import urllib.request
 import warnings
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from beamcap.paths import has_scheme
 
 _HTTP_TIMEOUT_SECS = 10.0
 
@@ -39,9 +40,6 @@ def describe_ref(ref: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None = None) -> str:
     """The path or URL that ``ref`` names.
 
@@ -51,7 +49,7 @@ def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None =
     resolve against ``base_dir`` when one is given (a local folder or any
     Beam filesystem path), and everything else is used as it is.
     """
-    is_remote = bool(_SCHEME_RE.match(ref))
+    is_remote = has_scheme(ref)
     if image_root is not None:
         if is_remote:
             raise ImageLoadError(
@@ -63,7 +61,7 @@ def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None =
             raise ImageLoadError(ref, f"refused: the path resolves outside image_root {image_root!r}")
         return path
     if base_dir and not is_remote and not os.path.isabs(ref):
-        return base_dir.rstrip("/") + "/" + ref if _SCHEME_RE.match(base_dir) else os.path.join(base_dir, ref)
+        return base_dir.rstrip("/") + "/" + ref if has_scheme(base_dir) else os.path.join(base_dir, ref)
     return ref
 
 
@@ -84,7 +82,7 @@ def read_bytes(
                 return response.read()
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise ImageLoadError(ref, f"cannot download: {e}") from e
-    if _SCHEME_RE.match(path):
+    if has_scheme(path):
         from apache_beam.io.filesystems import FileSystems
 
         try:

@@ -13,7 +13,6 @@ import hashlib
 import inspect
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 
 from beamcap.config import CaptionConfig
+from beamcap.paths import has_scheme
 from beamcap.sampling import seeded_settings
 from beamcap.seeding import derive_seed
 
@@ -63,7 +63,7 @@ def resolve_model_path(hf_img2seq: str) -> str:
         from beamcap.demo import demo_model_path
 
         return demo_model_path()
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", hf_img2seq):
+    if has_scheme(hf_img2seq):
         return localize_model_folder(hf_img2seq)
     return hf_img2seq
 
@@ -192,11 +192,10 @@ class Captioner:
         self._report_lock = threading.Lock()
         self._accepts = set(inspect.signature(model.forward).parameters)
         self.input_size = processor_input_size(image_processor)
-        self._is_encoder_decoder_folder = processor is None
 
     def prepare(self, images: Sequence[Image.Image], prompt: str | None) -> dict[str, torch.Tensor]:
         """The model's inputs for these images, all with the same prompt (or none)."""
-        if self._is_encoder_decoder_folder:
+        if self.processor is None:  # a VisionEncoderDecoder folder: image processor + tokenizer
             inputs = dict(self.image_processor(images=list(images), return_tensors="pt"))
             if prompt:
                 start = self.model.config.decoder_start_token_id

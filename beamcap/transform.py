@@ -163,6 +163,7 @@ class CaptionImages(beam.PTransform):
 
     @classmethod
     def from_config(cls, config: CaptionConfig) -> CaptionImages:
+        """The transform for an already validated :class:`CaptionConfig` (as the job builds it)."""
         transform = cls.__new__(cls)
         beam.PTransform.__init__(transform)
         transform.config = config

@@ -99,14 +99,20 @@ def build_blip_base(folder: str) -> str:
 
 
 class CaptionHandler(ModelHandler):
-    """What a Beam user would write for RunInference: preprocess, one generate, decode."""
+    """What a Beam user would write for RunInference: preprocess, one generate, decode.
 
-    def __init__(self, captioner, settings):
+    In a pipeline it loads the model in ``load_model`` on the worker; the steady-state
+    measurement hands it the already loaded model instead (never pickled into a pipeline).
+    """
+
+    def __init__(self, config: CaptionConfig, settings, loaded=None):
         super().__init__()
-        self._captioner, self._settings = captioner, settings
+        self._config, self._settings, self._loaded = config, settings, loaded
 
     def load_model(self):
-        return self._captioner
+        from beamcap.model import load_captioner
+
+        return self._loaded if self._loaded is not None else load_captioner(self._config)
 
     def run_inference(self, batch, model, inference_args=None):
         inputs = model.prepare(batch, None)
@@ -188,7 +194,7 @@ class Bench:
         return time.perf_counter() - start
 
     def runinference(self, case: Case) -> float:
-        handler = CaptionHandler(self.captioner(case), self._settings(case))
+        handler = CaptionHandler(self._config(case), self._settings(case), loaded=self.captioner(case))
         model = handler.load_model()
         start = time.perf_counter()
         for i in range(0, len(self.paths), case.batch):
@@ -207,7 +213,7 @@ class Bench:
         return time.perf_counter() - start, loads
 
     def runinference_pipeline(self, case: Case) -> tuple[float, int]:
-        handler = CaptionHandler(self.captioner(case), self._settings(case)).with_batch(case.batch)
+        handler = CaptionHandler(self._config(case), self._settings(case)).with_batch(case.batch)
         start = time.perf_counter()
         p = beam.Pipeline()
         _ = p | beam.Create(self.paths) | beam.Map(decode) | RunInference(handler)

@@ -18,6 +18,7 @@ from beamcap import CaptionImages, demo_model_path
 from beamcap.demo.shapes import COLOURS, SHAPES, Scene, draw_scene
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_JOB_FLAGS = ["--hf_img2seq", "beamcap-demo", "--do_sample", "false", "--num_shards", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -108,20 +109,7 @@ def test_bundled_demo_data_is_captioned_truthfully(tmp_path):
     from pipelines.caption import run
 
     data = os.path.join(os.path.dirname(demo_model_path()), "data")
-    run(
-        [
-            "--input",
-            os.path.join(data, "samples.jsonl"),
-            "--output",
-            str(tmp_path / "out"),
-            "--hf_img2seq",
-            "beamcap-demo",
-            "--do_sample",
-            "false",
-            "--num_shards",
-            "1",
-        ]
-    )
+    run(["--input", os.path.join(data, "samples.jsonl"), "--output", str(tmp_path / "out"), *DEMO_JOB_FLAGS])
     truth = json.load(open(os.path.join(data, "truth.json")))
     inputs = [json.loads(line) for line in open(os.path.join(data, "samples.jsonl"))]
     rows = [json.loads(line) for line in open(next(tmp_path.glob("out*.jsonl")))]
@@ -181,12 +169,7 @@ def test_staged_sdist_installs_and_runs_the_job_outside_the_repo(tmp_path):
             data,
             "--output",
             str(tmp_path / "out"),
-            "--hf_img2seq",
-            "beamcap-demo",
-            "--do_sample",
-            "false",
-            "--num_shards",
-            "1",
+            *DEMO_JOB_FLAGS,
         ],
         cwd=tmp_path,
         env=env,

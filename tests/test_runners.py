@@ -29,27 +29,26 @@ def _rows(prefix):
     return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
 
+def write_dataset(path, image_dir, n: int, bad: bool) -> str:
+    """A JSONL dataset of n one-image samples (colours cycling) and, with ``bad``, one missing image."""
+    colours = ["red", "green", "blue", "yellow"]
+    with open(path, "w") as f:
+        for i in range(n):
+            image = str(image_dir / f"{colours[i % 4]}.jpg")
+            f.write(json.dumps({"id": i, "text": f"{IMG}x", "images": [image]}) + "\n")
+        if bad:
+            f.write(json.dumps({"id": "bad", "text": IMG, "images": ["missing.jpg"]}) + "\n")
+    return str(path)
+
+
+def job_args(data: str, model: str, *extra: str) -> list[str]:
+    """Flags shared by the runner tests: greedy, short captions."""
+    return ["--input", data, "--hf_img2seq", model, "--do_sample", "false", "--max_new_tokens", "3", *extra]
+
+
 def test_multi_processing_direct_runner_matches_in_memory(tmp_path, blip_dir, image_dir):
-    data = tmp_path / "d.jsonl"
-    with open(data, "w") as f:
-        for i in range(12):
-            colour = ["red", "green", "blue", "yellow"][i % 4]
-            f.write(json.dumps({"id": i, "text": f"{IMG}x", "images": [str(image_dir / f"{colour}.jpg")]}) + "\n")
-        f.write(json.dumps({"id": "bad", "text": IMG, "images": ["missing.jpg"]}) + "\n")
-    common = [
-        "--input",
-        str(data),
-        "--hf_img2seq",
-        blip_dir,
-        "--do_sample",
-        "false",
-        "--caption_num",
-        "2",
-        "--keep_candidate_mode",
-        "all",
-        "--max_new_tokens",
-        "3",
-    ]
+    data = write_dataset(tmp_path / "d.jsonl", image_dir, 12, bad=True)
+    common = job_args(data, blip_dir, "--caption_num", "2", "--keep_candidate_mode", "all")
     run([*common, "--output", str(tmp_path / "mem"), "--failed_output", str(tmp_path / "memf")])
     run(
         [
@@ -113,25 +112,8 @@ def test_portable_runner_with_external_workers_matches_direct(tmp_path, blip_dir
     import threading
 
     job_port, pool_port = portable_services
-    data = tmp_path / "d.jsonl"
-    with open(data, "w") as f:
-        for i, colour in enumerate(["red", "green", "blue"]):
-            f.write(json.dumps({"id": i, "text": f"{IMG}x", "images": [str(image_dir / f"{colour}.jpg")]}) + "\n")
-        f.write(json.dumps({"id": "bad", "text": IMG, "images": ["missing.jpg"]}) + "\n")
-    common = [
-        "--input",
-        str(data),
-        "--hf_img2seq",
-        blip_dir,
-        "--do_sample",
-        "false",
-        "--max_new_tokens",
-        "3",
-        "--caption_num",
-        "2",
-        "--keep_candidate_mode",
-        "all",
-    ]
+    data = write_dataset(tmp_path / "d.jsonl", image_dir, 3, bad=True)
+    common = job_args(data, blip_dir, "--caption_num", "2", "--keep_candidate_mode", "all")
     run([*common, "--output", str(tmp_path / "direct"), "--failed_output", str(tmp_path / "directf")])
     portable = [
         *common,
@@ -163,25 +145,10 @@ def _capture(errors, fn, argv):
 
 
 def test_large_model_loads_once_across_worker_processes(tmp_path, blip_dir, image_dir, capsys):
-    data = tmp_path / "d.jsonl"
-    with open(data, "w") as f:
-        for i in range(16):
-            colour = ["red", "green", "blue", "yellow"][i % 4]
-            f.write(json.dumps({"id": i, "text": f"{IMG}x", "images": [str(image_dir / f"{colour}.jpg")]}) + "\n")
-    common = [
-        "--input",
-        str(data),
-        "--hf_img2seq",
-        blip_dir,
-        "--do_sample",
-        "false",
-        "--max_new_tokens",
-        "3",
-        "--gpu_batch_size",
-        "2",
-        "--direct_running_mode=multi_processing",
-        "--direct_num_workers=2",
-    ]
+    data = write_dataset(tmp_path / "d.jsonl", image_dir, 16, bad=False)
+    common = job_args(
+        data, blip_dir, "--gpu_batch_size", "2", "--direct_running_mode=multi_processing", "--direct_num_workers=2"
+    )
     run([*common, "--output", str(tmp_path / "per_process")])
     capsys.readouterr()
     run([*common, "--output", str(tmp_path / "shared"), "--large_model", "true"])
