@@ -259,3 +259,48 @@ def build_llava(path: str) -> str:
 
 
 BUILDERS["llava"] = build_llava
+
+
+def build_florence2(path: str) -> str:
+    """A task-prompt model: Florence-2 (DaViT vision + BART), a byte-level tokenizer with <image>."""
+    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *chars])}
+    tok = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessor(
+        size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64}, do_center_crop=False
+    )
+    image_processor.image_seq_length = 5  # (64 / 32)^2 patches + 1 pooled token
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tok)
+    vision = dict(
+        depths=[1, 1, 1, 1],
+        embed_dim=[16, 16, 32, 32],
+        num_heads=[1, 1, 2, 2],
+        num_groups=[1, 1, 2, 2],
+        window_size=2,
+        projection_dim=32,
+        drop_path_rate=0.0,
+    )
+    text = dict(
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.eos_token_id,
+        forced_bos_token_id=tok.bos_token_id,
+    )
+    config = Florence2Config(vision_config=vision, text_config=text, image_token_id=tok.image_token_id)
+    torch.manual_seed(0)
+    return _save(Florence2ForConditionalGeneration(config), [processor], path)
+
+
+BUILDERS["florence2"] = build_florence2
