@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --quick          # the demo model: a few minutes on 2 cores
     python -m benchmarks.run                  # a BLIP with real (base) dimensions, random weights: slow on CPU
+    python -m benchmarks.run --chat           # a tiny chat model (LLaVA, random weights): the chat input path
     python -m benchmarks.run --smoke          # seconds; used by the tests to keep this from rotting
 
 Every method uses the same loaded model, the same 640x480 JPEGs and the same
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the demo model")
+    mode.add_argument("--chat", action="store_true", help="a tiny chat model (LLaVA: CLIP + Llama, random weights)")
     mode.add_argument("--smoke", action="store_true", help="tiny: a few seconds")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long", action="store_true", help="BLIP-base mode: also 128 new tokens (slow on CPU)")
@@ -252,7 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     os.makedirs(args.cache, exist_ok=True)
-    if args.smoke or args.quick:
+    if args.chat:
+        from beamcap.testing.models import build_llava
+
+        folder = os.path.join(args.cache, "tiny-llava")
+        model = folder if os.path.exists(os.path.join(folder, "config.json")) else build_llava(folder)
+        extra = {"min_new_tokens": 0}
+        cases = [Case(1, 8, 16), Case(4, 8, 16)]
+        n = args.images or 32
+    elif args.smoke or args.quick:
         model, extra = demo_model_path(), {}
         cases = [Case(1, 4, 4), Case(2, 4, 4)] if args.smoke else [
             Case(c, b, 16) for c in (1, 4) for b in (1, 8, 16)] + [Case(1, 8, 16, samples_per_call=10)]  # fmt: skip
@@ -268,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(image_dir, exist_ok=True)
     bench = Bench(model, make_images(image_dir, n), extra)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    label = "smoke" if args.smoke else "quick" if args.quick else "chat (tiny LLaVA)" if args.chat else "BLIP-base"
     print(
-        f"# beamcap benchmark: {'smoke' if args.smoke else 'quick' if args.quick else 'BLIP-base'}, {n} images "
+        f"# beamcap benchmark: {label}, {n} images "
         f"640x480, {repeats} repeats, {device}, torch {torch.__version__}, Python {platform.python_version()}"
     )
     print(f"model: {model}\n")

@@ -10,8 +10,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import tiny_models  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from beamcap.testing import models as tiny_models  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 

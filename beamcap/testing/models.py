@@ -1,4 +1,4 @@
-"""Tiny random-weight models of each image-to-text family, built offline.
+"""Tiny random-weight models of each image-to-text family, built offline (tests and benchmarks).
 
 Each builder writes a folder with ``save_pretrained`` (model + processor or
 image processor + tokenizer), so tests load it back through the same code
