@@ -74,12 +74,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     io.add_argument("--skip_other_ops", action="store_true", help="with --recipe: run only the captioning op")
     add_caption_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
+    output_from_flag = args.output is not None
     if args.recipe:
         parser.set_defaults(**load_recipe(args.recipe, args.skip_other_ops))
         args, beam_args = parser.parse_known_args(argv)
-        args.single_file = args.num_shards == 0 and args.output is not None
-    else:
-        args.single_file = False
+    # A recipe's export_path is one file, as Data-Juicer writes it; an --output flag is a prefix.
+    args.single_file = bool(args.recipe) and not output_from_flag and args.num_shards == 0
     if not args.input or not args.output:
         parser.error("--input and --output are required (or a --recipe with dataset_path and export_path)")
     if args.output_format is None:

@@ -174,3 +174,10 @@ def test_parquet_in_and_out(tmp_path, image_dir, blip_dir):
     rows = pq.read_table(path).to_pylist()
     assert sorted(r["n"] for r in rows) == [1, 1, 2, 2, 3]
     assert pq.read_schema(path) == table.schema
+
+
+def test_recipe_output_flag_overrides_export_path_as_a_prefix(tmp_path, image_dir, blip_dir):
+    recipe = _recipe(tmp_path, image_dir, blip_dir)
+    run(["--recipe", str(recipe), "--output", str(tmp_path / "mine"), "--num_shards", "1", "--max_new_tokens", "2"])
+    assert not (tmp_path / "out" / "result.jsonl").exists()
+    assert len(read_jsonl(str(tmp_path / "mine"))) == 4
