@@ -8,6 +8,7 @@ torch, a model or a device.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,8 +92,9 @@ class CaptionConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise values in place once
-        if hasattr(self.hf_img2seq, "__fspath__"):
-            set_(self, "hf_img2seq", str(self.hf_img2seq))
+        for name in ("hf_img2seq", "image_root", "image_base_dir"):  # pathlib paths are accepted
+            if hasattr(getattr(self, name), "__fspath__"):
+                set_(self, name, os.fspath(getattr(self, name)))
         _check_type("hf_img2seq", self.hf_img2seq, str, "a model id or a local folder path (str)")
         if not self.hf_img2seq:
             raise ValueError(
@@ -120,17 +122,13 @@ class CaptionConfig:
         _check_positive_int("max_new_tokens", self.max_new_tokens)
         _check_type("do_sample", self.do_sample, bool, "a bool")
         _check_type("seed", self.seed, (int, type(None)), "an int or None")
-        _check_type("device", self.device, (str, type(None)), "None (auto), 'cpu', 'cuda' or 'cuda:N'")
+        _check_type("device", self.device, (str, type(None)), "None (auto), 'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps'")
         if self.device is not None and not _DEVICE_RE.match(self.device):
             raise ValueError(
                 f"device must be None (auto), 'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps', got {self.device!r}"
             )
         set_(self, "torch_dtype", _dtype_name(self.torch_dtype))
-        if self.image_root is not None and hasattr(self.image_root, "__fspath__"):
-            set_(self, "image_root", str(self.image_root))
         _check_type("image_root", self.image_root, (str, type(None)), "a folder path (str) or None")
-        if self.image_base_dir is not None and hasattr(self.image_base_dir, "__fspath__"):
-            set_(self, "image_base_dir", str(self.image_base_dir))
         _check_type("image_base_dir", self.image_base_dir, (str, type(None)), "a folder path (str) or None")
         _check_positive_int("max_image_pixels", self.max_image_pixels)
         if self.max_input_pixels is not None:

@@ -100,3 +100,10 @@ def test_warning_when_both_prompts_set(caplog):
     with caplog.at_level(logging.WARNING, logger="beamcap.config"):
         CaptionConfig(prompt="a", prompt_key="b")
     assert "Both prompt and prompt_key are set" in caplog.text
+
+
+def test_pathlib_paths_are_accepted(tmp_path):
+    config = CaptionConfig(tmp_path / "model", image_root=tmp_path, image_base_dir=tmp_path / "imgs")
+    assert (config.hf_img2seq, config.image_root, config.image_base_dir) == (
+        str(tmp_path / "model"), str(tmp_path), str(tmp_path / "imgs"),
+    )  # fmt: skip
