@@ -12,7 +12,6 @@ import io
 import os
 import urllib.error
 import urllib.request
-import warnings
 from typing import Any
 
 import numpy as np
@@ -135,9 +134,9 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     if not data:
         raise ImageLoadError(ref, "the file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        # Header only: the size is known before any pixel is decoded. (No warnings.catch_warnings here:
+        # it changes process-wide state and DoFn threads decode concurrently.)
+        image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
             raise ImageLoadError(
@@ -152,7 +151,7 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
         return to_rgb(image)
     except ImageLoadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageLoadError(ref, f"refused as a possible decompression bomb: {e}") from e
     except UnidentifiedImageError:
         raise ImageLoadError(ref, f"not a recognised image format ({len(data)} bytes)") from None

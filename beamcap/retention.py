@@ -79,7 +79,7 @@ def choose_captions(
     mode: KeepMode,
     candidates: Sequence[Sequence[str]],
     reference_texts: Sequence[str],
-    rng: random.Random,
+    rng: random.Random | None,
 ) -> list[list[str]]:
     """Reduce each image's candidates to the captions of the K generated samples.
 
@@ -88,7 +88,7 @@ def choose_captions(
         candidates: ``candidates[j]`` holds the ``caption_num`` candidates of image j.
         reference_texts: ``reference_texts[j]`` is the plain text of image j's
             chunk (used by ``similar_one_simhash`` only).
-        rng: the sample's random source (used by ``random_any`` only).
+        rng: the sample's random source (needed by ``random_any`` only).
 
     Returns:
         ``result[i][j]``: the caption of image j in generated sample i.
