@@ -175,10 +175,14 @@ class CaptionDoFn(beam.DoFn):
 
         load = functools.partial(load_captioner, self._config)
         if self._config.shares_across_processes:
-            self._captioner = self._acquire_across_processes(load)
+            self._attach(self._acquire_across_processes(load))
         else:
-            self._captioner = self._shared_handle.acquire(load, tag=self._model_tag())
-        self._info = self._captioner.info()
+            self._attach(self._shared_handle.acquire(load, tag=self._model_tag()))
+
+    def _attach(self, captioner) -> None:
+        """Use ``captioner`` (a loaded model, or a proxy to one) for this DoFn's bundles."""
+        self._captioner = captioner
+        self._info = captioner.info()
         self._settings = self._config.generation_settings()
         self._progress = {"samples": 0, "images": 0, "failed": 0}
         self._started = self._last_log = time.monotonic()
@@ -285,13 +289,10 @@ class CaptionDoFn(beam.DoFn):
             if work.needs_captions:
                 _load_images(work, config, self._info["input_size"])
         self._caption_all(works)
-        self._log_progress(
-            len(works),
-            sum(len(w.candidates) for w in works if w.error is None),
-            sum(w.error is not None for w in works),
-        )
+        images = failed = 0
         for work, (_, timestamp) in zip(works, batch, strict=True):
             if work.error is not None:
+                failed += 1
                 self._samples_failed.inc()
                 if not self._handle_failures:
                     raise SampleError(
@@ -307,6 +308,7 @@ class CaptionDoFn(beam.DoFn):
             if work.plan is None:
                 continue
             n_images = len(work.plan.image_indices)
+            images += n_images
             self._images_captioned.inc(n_images)
             self._captions_generated.inc(n_images * config.caption_num)
             for text in self._generated_texts(work):
@@ -314,3 +316,4 @@ class CaptionDoFn(beam.DoFn):
                 generated[config.text_key] = text
                 self._generated_samples.inc()
                 yield TimestampedValue(generated, timestamp)  # the main output
+        self._log_progress(len(works), images, failed)

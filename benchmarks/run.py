@@ -169,9 +169,7 @@ class Bench:
     def beamcap(self, case: Case) -> float:
         self.captioner(case)
         dofn = CaptionDoFn(self._config(case), handle_failures=True)
-        dofn._captioner, dofn._info, dofn._settings = self.dofn._captioner, self.dofn._info, self._settings(case)
-        dofn._progress, dofn._started = {"samples": 0, "images": 0, "failed": 0}, time.monotonic()
-        dofn._last_log = dofn._started
+        dofn._attach(self.dofn._captioner)  # the model loaded once, with this case's settings
         samples = [({"text": "<__dj__image>", "images": [p]}, MIN_TIMESTAMP) for p in self.paths]
         start = time.perf_counter()
         for i in range(0, len(samples), case.batch):
