@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN, SpecialTokens
+from beamcap.images import DEFAULT_MAX_IMAGE_PIXELS
 from beamcap.retention import KeepMode, generated_per_sample
 
 _LOGGER = logging.getLogger(__name__)
@@ -27,7 +26,6 @@ _DEVICE_RE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 _RESERVED_GENERATE_KEYS = frozenset(
     {"num_return_sequences", "pixel_values", "input_ids", "attention_mask", "inputs", "generation_config"}
 )
-_DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
 
 
 def _check_type(name: str, value: Any, types: type | tuple[type, ...], what: str) -> None:
@@ -82,7 +80,7 @@ class CaptionConfig:
     torch_dtype: str | None = None
     image_root: str | None = None
     image_base_dir: str | None = None
-    max_image_pixels: int = _DEFAULT_MAX_IMAGE_PIXELS
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_input_pixels: int | None = None
     min_batch_size: int = 1
     max_batch_size: int | None = None

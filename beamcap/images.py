@@ -20,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from beamcap.paths import has_scheme
 
 _HTTP_TIMEOUT_SECS = 10.0
+# Pillow's own decompression-bomb threshold (its default when a caller has set it to None).
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
 
 
 class ImageLoadError(Exception):
@@ -126,8 +128,9 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
 
     With ``draft_size``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4,
     1/8) that keeps both sides at least ``draft_size`` pixels: much faster when
-    the model's processor downsizes the image anyway. Images declaring more than ``max_pixels`` pixels are refused before their
-    pixels are decoded, so a decompression bomb cannot exhaust memory. Pillow's
+    the model's processor downsizes the image anyway. Images declaring more
+    than ``max_pixels`` pixels are refused before their pixels are decoded, so
+    a decompression bomb cannot exhaust memory. Pillow's
     own process-wide ``Image.MAX_IMAGE_PIXELS`` also applies: the effective
     limit is the smaller of the two.
     """
@@ -174,7 +177,7 @@ def load_image(
     *,
     image_root: str | None = None,
     base_dir: str | None = None,
-    max_pixels: int = Image.MAX_IMAGE_PIXELS or 178_956_970,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     draft_size: int | None = None,
 ) -> Image.Image:
     """Read and decode one image reference into an RGB :class:`PIL.Image.Image`."""
