@@ -86,6 +86,8 @@ class CaptionConfig:
     max_batch_size: int | None = None
     large_model: bool = False
     model_copies: int | None = None
+    max_batch_duration_secs: float | None = None
+    streaming_shards: int = 1
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,6 +148,14 @@ class CaptionConfig:
         _check_type("large_model", self.large_model, bool, "a bool")
         if self.model_copies is not None:
             _check_positive_int("model_copies", self.model_copies)
+        if self.max_batch_duration_secs is not None:
+            duration = self.max_batch_duration_secs
+            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < float("inf"):
+                raise ValueError(
+                    f"max_batch_duration_secs must be a number of seconds > 0 (or None: no time bound), "
+                    f"got {duration!r}"
+                )
+        _check_positive_int("streaming_shards", self.streaming_shards)
         _check_type("generate_kwargs", self.generate_kwargs, dict, "a dict of generate() arguments")
         set_(self, "generate_kwargs", dict(self.generate_kwargs))
         reserved = sorted(_RESERVED_GENERATE_KEYS & self.generate_kwargs.keys())

@@ -21,9 +21,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
-from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils import shared
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from PIL import Image
 
 from beamcap.config import CaptionConfig
@@ -127,13 +126,23 @@ def _load_images(work: _Work, config: CaptionConfig, draft_size: int | None) -> 
         work.images[index] = fit_pixels(loaded[key], config.max_input_pixels)
 
 
-def with_timestamp(sample: Any, timestamp=beam.DoFn.TimestampParam) -> tuple[Any, Timestamp]:
-    """Pair a sample with its timestamp, which batching would otherwise replace."""
-    return sample, timestamp
+Placed = tuple[Any, WindowedValue]
+"""A sample paired with its place in the stream: an empty ``WindowedValue``
+holding its timestamp, window and pane, which every output of the sample keeps."""
 
 
-def image_weight(item: tuple[Any, Timestamp], text_key: str, image_key: str, image_token: str) -> int:
-    """How many images a (sample, timestamp) pair sends to ``generate`` (at least 1): its weight in a batch."""
+def with_placement(
+    sample: Any,
+    timestamp=beam.DoFn.TimestampParam,
+    window=beam.DoFn.WindowParam,
+    pane=beam.DoFn.PaneInfoParam,
+) -> Placed:
+    """Pair a sample with its timestamp, window and pane, which batching would otherwise replace."""
+    return sample, WindowedValue(None, timestamp, (window,), pane)
+
+
+def image_weight(item: Placed, text_key: str, image_key: str, image_token: str) -> int:
+    """How many images a placed sample sends to ``generate`` (at least 1): its weight in a batch."""
     element = item[0]
     if isinstance(element, dict) and isinstance(element.get(text_key), str) and element.get(image_key):
         return max(1, element[text_key].count(image_token))
@@ -279,8 +288,8 @@ class CaptionDoFn(beam.DoFn):
             render_text(plan, dict(zip(order, captions, strict=True)), config.special_tokens) for captions in chosen
         ]
 
-    def process(self, batch: Sequence[tuple[Any, Timestamp]]) -> Iterator[Any]:
-        """``batch`` holds (sample, timestamp) pairs; every output keeps its sample's timestamp."""
+    def process(self, batch: Sequence[Placed]) -> Iterator[Any]:
+        """``batch`` holds placed samples; every output keeps its sample's timestamp, window and pane."""
         self._report_load()
         config = self._config
         self._samples_in.inc(len(batch))
@@ -290,7 +299,7 @@ class CaptionDoFn(beam.DoFn):
                 _load_images(work, config, self._info["input_size"])
         self._caption_all(works)
         images = failed = 0
-        for work, (_, timestamp) in zip(works, batch, strict=True):
+        for work, (_, place) in zip(works, batch, strict=True):
             if work.error is not None:
                 failed += 1
                 self._samples_failed.inc()
@@ -300,9 +309,9 @@ class CaptionDoFn(beam.DoFn):
                         "samples to a separate output instead of failing the job."
                     )
                 _LOGGER.warning("Sample failed: %s", work.error)
-                yield TaggedOutput(FAILED, TimestampedValue(failure_record(work.sample, work.error), timestamp))
+                yield TaggedOutput(FAILED, place.with_value(failure_record(work.sample, work.error)))
                 continue
-            yield TaggedOutput(ORIGINAL, TimestampedValue(work.sample, timestamp))
+            yield TaggedOutput(ORIGINAL, place.with_value(work.sample))
             if config.keep_original_sample:
                 self._original_samples.inc()
             if work.plan is None:
@@ -315,5 +324,5 @@ class CaptionDoFn(beam.DoFn):
                 generated = copy.deepcopy(work.sample)
                 generated[config.text_key] = text
                 self._generated_samples.inc()
-                yield TimestampedValue(generated, timestamp)  # the main output
+                yield place.with_value(generated)  # the main output
         self._log_progress(len(works), images, failed)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 from apache_beam.pvalue import PCollection
 
-from beamcap.batching import BatchByImages
+from beamcap.batching import BatchByImages, restore_windowing, uses_stream_batcher
 from beamcap.config import DEFAULT_MODEL, CaptionConfig
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN
 from beamcap.dofn import FAILED, GENERATED, ORIGINAL, CaptionDoFn
@@ -96,6 +96,13 @@ class CaptionImages(beam.PTransform):
             (``MultiProcessShared``, as RunInference's ``large_model``).
         model_copies: N models per machine shared by the processes (implies
             cross-process sharing); e.g. one per GPU-memory budget.
+        max_batch_duration_secs: streaming only: the longest a sample waits
+            for its batch to fill (a slow stream is captioned within it).
+            Windows and timestamps are kept, and the watermark is held while
+            samples wait, so downstream windows close only after them.
+        streaming_shards: streaming only (with ``max_batch_duration_secs``):
+            keys the waiting samples are spread over; one key is batched on
+            one worker, so set it to about the number of workers (GPUs).
         **generate_kwargs: further ``generate`` arguments (``num_beams``, ``top_p``, ...).
     """
 
@@ -127,6 +134,8 @@ class CaptionImages(beam.PTransform):
         max_batch_size: int | None = None,
         large_model: bool = False,
         model_copies: int | None = None,
+        max_batch_duration_secs: float | None = None,
+        streaming_shards: int = 1,
         **generate_kwargs: Any,
     ):
         super().__init__()
@@ -156,6 +165,8 @@ class CaptionImages(beam.PTransform):
             max_batch_size=max_batch_size,
             large_model=large_model,
             model_copies=model_copies,
+            max_batch_duration_secs=max_batch_duration_secs,
+            streaming_shards=streaming_shards,
             generate_kwargs=generate_kwargs,
             **extras,
         )
@@ -186,6 +197,8 @@ class CaptionImages(beam.PTransform):
             | "Caption"
             >> beam.ParDo(CaptionDoFn(config, self._handle_failures)).with_outputs(FAILED, ORIGINAL, main=GENERATED)
         )
+        if uses_stream_batcher(config, samples):
+            restore_windowing([outputs[GENERATED], outputs[ORIGINAL], outputs[FAILED]], samples.windowing)
         kept = [outputs[GENERATED]]
         if config.keep_original_sample:
             kept.append(outputs[ORIGINAL])

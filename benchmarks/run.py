@@ -43,7 +43,7 @@ import apache_beam as beam  # noqa: E402
 import torch  # noqa: E402
 from apache_beam.metrics.metric import MetricsFilter  # noqa: E402
 from apache_beam.ml.inference.base import ModelHandler, RunInference  # noqa: E402
-from apache_beam.utils.timestamp import MIN_TIMESTAMP  # noqa: E402
+from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages, demo_model_path  # noqa: E402
@@ -170,7 +170,7 @@ class Bench:
         self.captioner(case)
         dofn = CaptionDoFn(self._config(case), handle_failures=True)
         dofn._attach(self.dofn._captioner)  # the model loaded once, with this case's settings
-        samples = [({"text": "<__dj__image>", "images": [p]}, MIN_TIMESTAMP) for p in self.paths]
+        samples = [({"text": "<__dj__image>", "images": [p]}, GlobalWindows.windowed_value(None)) for p in self.paths]
         start = time.perf_counter()
         for i in range(0, len(samples), case.batch):
             for _ in dofn.process(samples[i : i + case.batch]):

@@ -49,6 +49,10 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_batch_size", type=int, default=None)
     g.add_argument("--large_model", type=_bool, default=False, help="one model per machine, shared by processes")
     g.add_argument("--model_copies", type=int, default=None)
+    g.add_argument(
+        "--max_batch_duration_secs", type=float, default=None, help="streaming: longest wait for a batch to fill"
+    )
+    g.add_argument("--streaming_shards", type=int, default=1, help="streaming: keys batches are formed under")
     g.add_argument("--generate_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"num_beams\": 3}'")
 
 
@@ -56,7 +60,8 @@ CAPTION_FIELDS = [
     "hf_img2seq", "trust_remote_code", "caption_num", "keep_candidate_mode", "keep_original_sample", "prompt",
     "prompt_key", "gpu_batch_size", "text_key", "image_key", "image_token", "eoc_token", "max_new_tokens",
     "do_sample", "seed", "device", "torch_dtype", "image_root", "image_base_dir", "max_image_pixels", "max_input_pixels",
-    "min_batch_size", "max_batch_size", "large_model", "model_copies", "generate_kwargs",
+    "min_batch_size", "max_batch_size", "large_model", "model_copies", "max_batch_duration_secs", "streaming_shards",
+    "generate_kwargs",
 ]  # fmt: skip
 
 

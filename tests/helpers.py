@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.util import BeamAssertException
-from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.transforms.window import GlobalWindows
 
 from beamcap.config import CaptionConfig
 from beamcap.dofn import FAILED, ORIGINAL, CaptionDoFn
@@ -20,7 +20,7 @@ IMG = "<__dj__image>"
 def process(dofn: CaptionDoFn, samples: list) -> dict[str, list]:
     """One ``process`` call outside Beam; the emitted samples by tag (main output under 'generated')."""
     out: dict[str, list] = {"generated": [], ORIGINAL: [], FAILED: []}
-    for item in dofn.process([(s, MIN_TIMESTAMP) for s in samples]):
+    for item in dofn.process([(s, GlobalWindows.windowed_value(None)) for s in samples]):
         tag, value = (item.tag, item.value) if isinstance(item, TaggedOutput) else ("generated", item)
         out[tag].append(value.value)
     return out
