@@ -16,9 +16,17 @@ image tokens weighs three.
   before its samples are captioned (nothing arrives late, nothing is dropped).
   The caller restores the input's windowing on the captioned outputs.
 
-Beam's own ``BatchElements(max_batch_duration_secs=...)`` is not used: on the
-Python DirectRunner its final buffered element reached a downstream combine
-after the window had closed, and was dropped (ENGINES.md).
+With ``prompt_key`` set, samples are ordered by prompt before they are cut
+into batches (a bounded buffer per bundle in batch mode; each pane in
+streaming), so that a batch mostly holds one prompt. A batch is split into one
+``generate`` call per prompt (SPEC: prompts are never mixed), so arrival order
+would otherwise give several small calls per batch.
+
+Beam's own ``BatchElements(max_batch_duration_secs=...)`` is not used: its
+stateful DoFn does not hold the watermark while it buffers, so on the Python
+DirectRunner a buffered element reached a downstream combine after its window
+had closed: dropped (ENGINES.md), or counted in a late second pane
+(tests/test_batching.py fails with it).
 """
 
 from __future__ import annotations
@@ -31,9 +39,13 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.core import Windowing
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beamcap.config import CaptionConfig
 from beamcap.dofn import Placed, image_weight, with_placement
+
+PROMPT_BUFFER_BATCHES = 16
+"""With ``prompt_key`` (batch mode), samples are reordered by prompt in runs of ``16 * max_batch_size`` samples."""
 
 
 def split_by_weight(
@@ -51,6 +63,46 @@ def split_by_weight(
         total += w
     if batch:
         yield batch
+
+
+def prompt_order(config: CaptionConfig) -> Callable[[Placed], str]:
+    """Sort key grouping placed samples by their prompt (non-dict samples, which fail later, sort first)."""
+
+    def key(item: Placed) -> str:
+        sample = item[0]
+        prompt = config.prompt_for(sample) if isinstance(sample, dict) else None
+        return "" if prompt is None else "\0" + prompt
+
+    return key
+
+
+class OrderByPrompt(beam.DoFn):
+    """Reorders placed samples so that samples with the same prompt arrive together.
+
+    Holds at most ``buffer_size`` samples; when full (and at the end of the
+    bundle) it emits them grouped by prompt, each in its own window and at its
+    own timestamp.
+    """
+
+    def __init__(self, config: CaptionConfig, buffer_size: int):
+        self._key = prompt_order(config)
+        self._buffer_size = buffer_size
+
+    def start_bundle(self) -> None:
+        self._buffer: list[Placed] = []
+
+    def process(self, item: Placed) -> Iterator[WindowedValue]:
+        self._buffer.append(item)
+        if len(self._buffer) >= self._buffer_size:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        yield from self._flush()
+
+    def _flush(self) -> Iterator[WindowedValue]:
+        items, self._buffer = sorted(self._buffer, key=self._key), []
+        for item in items:
+            yield item[1].with_value(item)
 
 
 def uses_stream_batcher(config: CaptionConfig, samples: beam.PCollection) -> bool:
@@ -94,15 +146,18 @@ class BatchByImages(beam.PTransform):
         )
         placed = samples | "KeepPlacement" >> beam.Map(with_placement)
         if not uses_stream_batcher(config, samples):
+            if config.prompt_key is not None:
+                placed = placed | "OrderByPrompt" >> beam.ParDo(OrderByPrompt(config, PROMPT_BUFFER_BATCHES * max_size))
             return placed | "BatchElements" >> beam.BatchElements(
                 min_batch_size=min_size, max_batch_size=max_size, element_size_fn=weight
             )
+        order = prompt_order(config)
         keyed = placed | "AssignShard" >> beam.Map(_with_shard, config.streaming_shards)
         keyed._windowing = batch_windowing(max_size, config.max_batch_duration_secs)  # as Beam's Reshuffle does
         return (
             keyed
             | "WaitForBatch" >> beam.GroupByKey()
-            | "SplitByImages" >> beam.FlatMap(lambda kv: split_by_weight(kv[1], max_size, weight))
+            | "SplitByImages" >> beam.FlatMap(lambda kv: split_by_weight(sorted(kv[1], key=order), max_size, weight))
         )
 
 

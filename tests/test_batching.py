@@ -1,4 +1,4 @@
-"""Streaming: batches bounded in time (max_batch_duration_secs), windows and timestamps kept, nothing late."""
+"""Batching: bounded in time in streams (max_batch_duration_secs), ordered by prompt, windows and timestamps kept."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 
 import apache_beam as beam
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -13,9 +14,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import trigger, window
 from helpers import EOC, IMG, run_dofn, same_elements
 
-from beamcap import CaptionConfig, CaptionImages
-from beamcap.batching import BatchByImages, split_by_weight
-from beamcap.dofn import image_weight
+from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages
+from beamcap.batching import BatchByImages, OrderByPrompt, prompt_order, split_by_weight
+from beamcap.dofn import image_weight, with_placement
 
 FAST = {"max_new_tokens": 4, "do_sample": False}
 
@@ -199,3 +200,50 @@ def test_bounded_input_with_a_duration_is_batched_as_usual(blip_dir, image_dir):
     with TestPipeline() as p:
         out = p | beam.Create(samples) | CaptionImages(blip_dir, gpu_batch_size=2, max_batch_duration_secs=1, **FAST)
         assert_that(out, same_elements(expected["generated"] + expected["original"]))
+
+
+def _prompted(i, prompt):
+    return {"id": i, "text": IMG, "images": [f"{i}.jpg"], "p": prompt}
+
+
+def test_prompt_order_groups_prompts_and_keeps_arrival_order_within_one():
+    config = CaptionConfig("beamcap-demo", prompt="default", prompt_key="p")
+    place = window.GlobalWindows.windowed_value(None)
+    items = [(_prompted(i, p), place) for i, p in enumerate(["b", "a", None, "b", 7, "a"])] + [("not a dict", place)]
+    ordered = [
+        item[0] if isinstance(item[0], str) else item[0]["id"] for item in sorted(items, key=prompt_order(config))
+    ]
+    assert ordered == ["not a dict", 1, 5, 0, 3, 2, 4]  # failing samples first, then a, b, default (None and 7)
+
+
+def test_batches_of_mixed_prompts_fill_generate_calls(blip_dir, image_dir):
+    """16 samples alternating between two prompts, 4 images per call: batches in arrival order would give 8 calls
+    of 2 (prompts are never mixed in a call); ordered by prompt they give 4 full calls. Outputs are the same."""
+    img = str(image_dir / "red.jpg")
+    samples = [{"id": i, "text": IMG, "images": [img], "p": ["a photo of", "a picture of"][i % 2]} for i in range(16)]
+    config = dict(prompt_key="p", gpu_batch_size=4, min_batch_size=4, **FAST)
+    expected = run_dofn(CaptionConfig(blip_dir, **config), samples)
+    p = TestPipeline()
+    out = p | beam.Create(samples, reshuffle=False) | CaptionImages(blip_dir, **config)
+    assert_that(out, same_elements(expected["generated"] + expected["original"]))
+    result = p.run()
+    result.wait_until_finish()
+    query = MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name("generate_batch_size")
+    sizes = result.metrics().query(query)["distributions"][0].committed
+    assert (sizes.count, sizes.sum, sizes.min, sizes.max) == (4, 16, 4, 4)
+
+
+def test_order_by_prompt_emits_everything_in_its_own_window(image_dir):
+    """The reorder buffer flushes when full and at the end of the bundle; each sample stays in its window."""
+    config = CaptionConfig("beamcap-demo", prompt_key="p")
+    samples = [window.TimestampedValue(_prompted(i, "ab"[i % 2]), i * 10) for i in range(7)]
+    with TestPipeline() as p:
+        out = (
+            p
+            | beam.Create(samples, reshuffle=False)
+            | beam.WindowInto(window.FixedWindows(20))
+            | beam.Map(with_placement)
+            | beam.ParDo(OrderByPrompt(config, buffer_size=3))
+            | beam.Map(lambda item, w=beam.DoFn.WindowParam: (item[0]["id"], float(item[1].timestamp), float(w.start)))
+        )
+        assert_that(out, equal_to([(i, i * 10.0, 20.0 * (i // 2)) for i in range(7)]))
