@@ -88,6 +88,7 @@ class CaptionConfig:
     model_copies: int | None = None
     max_batch_duration_secs: float | None = None
     streaming_shards: int = 1
+    prefetch_images: bool = False
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -156,6 +157,7 @@ class CaptionConfig:
                     f"got {duration!r}"
                 )
         _check_positive_int("streaming_shards", self.streaming_shards)
+        _check_type("prefetch_images", self.prefetch_images, bool, "a bool")
         _check_type("generate_kwargs", self.generate_kwargs, dict, "a dict of generate() arguments")
         set_(self, "generate_kwargs", dict(self.generate_kwargs))
         reserved = sorted(_RESERVED_GENERATE_KEYS & self.generate_kwargs.keys())

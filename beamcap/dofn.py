@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,8 @@ class CaptionDoFn(beam.DoFn):
         self._shared_handle = shared.Shared()
         self._captioner = None
         self._load_reported = False
+        self._reader: ThreadPoolExecutor | None = None  # with prefetch_images: reads the next batch's images
+        self._pending: tuple[Sequence[Placed], Future] | None = None  # a batch whose images are being read
         ns = METRICS_NAMESPACE
         self._samples_in = Metrics.counter(ns, "samples_in")
         self._samples_failed = Metrics.counter(ns, "samples_failed")
@@ -195,6 +198,8 @@ class CaptionDoFn(beam.DoFn):
         self._settings = self._config.generation_settings()
         self._progress = {"samples": 0, "images": 0, "failed": 0}
         self._started = self._last_log = time.monotonic()
+        self._pending = None
+        self._reader = ThreadPoolExecutor(1, "beamcap-read") if self._config.prefetch_images else None
 
     def _acquire_across_processes(self, load):
         """The machine-wide model (one of ``model_copies``), served to every process by a proxy."""
@@ -288,15 +293,49 @@ class CaptionDoFn(beam.DoFn):
             render_text(plan, dict(zip(order, captions, strict=True)), config.special_tokens) for captions in chosen
         ]
 
+    def start_bundle(self) -> None:
+        self._pending = None  # a batch left by a failed bundle is dropped (the runner retries the bundle)
+
     def process(self, batch: Sequence[Placed]) -> Iterator[Any]:
-        """``batch`` holds placed samples; every output keeps its sample's timestamp, window and pane."""
+        """``batch`` holds placed samples; every output keeps its sample's timestamp, window and pane.
+
+        With ``prefetch_images``, this batch's images are read in the background
+        while the previous batch generates, and its outputs come with the next
+        call (or at the end of the bundle).
+        """
         self._report_load()
-        config = self._config
         self._samples_in.inc(len(batch))
-        works = [_parse(sample, config) for sample, _ in batch]
+        if self._reader is None:
+            yield from self._caption_and_emit(batch, self._read(batch))
+            return
+        reading = self._reader.submit(self._read, batch)
+        yield from self._emit_pending()
+        self._pending = (batch, reading)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._emit_pending()
+
+    def teardown(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
+
+    def _emit_pending(self) -> Iterator[Any]:
+        if self._pending is not None:
+            batch, reading = self._pending
+            self._pending = None
+            yield from self._caption_and_emit(batch, reading.result())
+
+    def _read(self, batch: Sequence[Placed]) -> list[_Work]:
+        """Parse the samples and read their images (no model work: safe off the main thread)."""
+        works = [_parse(sample, self._config) for sample, _ in batch]
         for work in works:
             if work.needs_captions:
-                _load_images(work, config, self._info["input_size"])
+                _load_images(work, self._config, self._info["input_size"])
+        return works
+
+    def _caption_and_emit(self, batch: Sequence[Placed], works: list[_Work]) -> Iterator[Any]:
+        config = self._config
         self._caption_all(works)
         images = failed = 0
         for work, (_, place) in zip(works, batch, strict=True):

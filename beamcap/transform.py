@@ -103,6 +103,9 @@ class CaptionImages(beam.PTransform):
         streaming_shards: streaming only (with ``max_batch_duration_secs``):
             keys the waiting samples are spread over; one key is batched on
             one worker, so set it to about the number of workers (GPUs).
+        prefetch_images: read and decode a batch's images in a background
+            thread while the previous batch generates (outputs of a batch then
+            come with the next one, or at the end of the bundle).
         **generate_kwargs: further ``generate`` arguments (``num_beams``, ``top_p``, ...).
     """
 
@@ -136,6 +139,7 @@ class CaptionImages(beam.PTransform):
         model_copies: int | None = None,
         max_batch_duration_secs: float | None = None,
         streaming_shards: int = 1,
+        prefetch_images: bool = False,
         **generate_kwargs: Any,
     ):
         super().__init__()
@@ -167,6 +171,7 @@ class CaptionImages(beam.PTransform):
             model_copies=model_copies,
             max_batch_duration_secs=max_batch_duration_secs,
             streaming_shards=streaming_shards,
+            prefetch_images=prefetch_images,
             generate_kwargs=generate_kwargs,
             **extras,
         )

@@ -53,6 +53,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "--max_batch_duration_secs", type=float, default=None, help="streaming: longest wait for a batch to fill"
     )
     g.add_argument("--streaming_shards", type=int, default=1, help="streaming: keys batches are formed under")
+    g.add_argument(
+        "--prefetch_images", type=_bool, default=False, help="read the next batch's images while one generates"
+    )
     g.add_argument("--generate_kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"num_beams\": 3}'")
 
 
@@ -61,7 +64,7 @@ CAPTION_FIELDS = [
     "prompt_key", "gpu_batch_size", "text_key", "image_key", "image_token", "eoc_token", "max_new_tokens",
     "do_sample", "seed", "device", "torch_dtype", "image_root", "image_base_dir", "max_image_pixels", "max_input_pixels",
     "min_batch_size", "max_batch_size", "large_model", "model_copies", "max_batch_duration_secs", "streaming_shards",
-    "generate_kwargs",
+    "prefetch_images", "generate_kwargs",
 ]  # fmt: skip
 
 

@@ -20,7 +20,9 @@ IMG = "<__dj__image>"
 def process(dofn: CaptionDoFn, samples: list) -> dict[str, list]:
     """One ``process`` call outside Beam; the emitted samples by tag (main output under 'generated')."""
     out: dict[str, list] = {"generated": [], ORIGINAL: [], FAILED: []}
-    for item in dofn.process([(s, GlobalWindows.windowed_value(None)) for s in samples]):
+    dofn.start_bundle()
+    placed = [(s, GlobalWindows.windowed_value(None)) for s in samples]
+    for item in [*dofn.process(placed), *dofn.finish_bundle()]:
         tag, value = (item.tag, item.value) if isinstance(item, TaggedOutput) else ("generated", item)
         out[tag].append(value.value)
     return out

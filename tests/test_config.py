@@ -55,6 +55,13 @@ def test_building_the_transform_loads_nothing():
         ({"min_batch_size": 9}, "min_batch_size (9) must be <="),
         ({"min_batch_size": 4, "max_batch_size": 2}, "max_batch_size (2) must be >= min_batch_size (4)"),
         ({"num_return_sequences": 3}, "cannot be passed"),
+        ({"large_model": 1}, "large_model must be a bool"),
+        ({"model_copies": 0}, "model_copies must be a positive int"),
+        ({"max_batch_duration_secs": 0}, "max_batch_duration_secs must be a number of seconds > 0"),
+        ({"max_batch_duration_secs": "5"}, "max_batch_duration_secs must be a number of seconds > 0"),
+        ({"max_batch_duration_secs": float("nan")}, "max_batch_duration_secs must be a number of seconds > 0"),
+        ({"streaming_shards": 0}, "streaming_shards must be a positive int"),
+        ({"prefetch_images": "yes"}, "prefetch_images must be a bool"),
         ({"do_sample": False, "caption_num": 3, "num_beams": 2}, "needs num_beams >= caption_num"),
     ],
 )
@@ -107,3 +114,18 @@ def test_pathlib_paths_are_accepted(tmp_path):
     assert (config.hf_img2seq, config.image_root, config.image_base_dir) == (
         str(tmp_path / "model"), str(tmp_path), str(tmp_path / "imgs"),
     )  # fmt: skip
+
+
+def test_every_parameter_is_a_transform_argument_and_a_job_flag_with_the_same_default():
+    import argparse
+    import dataclasses
+
+    from pipelines.options import CAPTION_FIELDS, add_caption_arguments, config_from_args
+
+    fields = [f.name for f in dataclasses.fields(CaptionConfig)]
+    assert CAPTION_FIELDS == fields
+    params = list(inspect.signature(CaptionImages.__init__).parameters)[1:]
+    assert params == [*fields[:-1], "generate_kwargs"]  # **generate_kwargs last
+    parser = argparse.ArgumentParser()
+    add_caption_arguments(parser)
+    assert config_from_args(parser.parse_args([])) == CaptionConfig()
