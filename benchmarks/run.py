@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 
 from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages, demo_model_path  # noqa: E402
 from beamcap.demo.shapes import Scene, draw_scene  # noqa: E402
-from beamcap.dofn import CaptionDoFn  # noqa: E402
+from beamcap.dofn import CaptionDoFn, _load_images, _parse  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -166,15 +166,38 @@ class Bench:
                 cap.model.generate(**inputs, **settings)
         return time.perf_counter() - start
 
-    def beamcap(self, case: Case) -> float:
+    def beamcap(self, case: Case, **kw) -> float:
         self.captioner(case)
-        dofn = CaptionDoFn(self._config(case), handle_failures=True)
+        dofn = CaptionDoFn(self._config(case, **kw), handle_failures=True)
         dofn._attach(self.dofn._captioner)  # the model loaded once, with this case's settings
         samples = [({"text": "<__dj__image>", "images": [p]}, GlobalWindows.windowed_value(None)) for p in self.paths]
         start = time.perf_counter()
+        dofn.start_bundle()
         for i in range(0, len(samples), case.batch):
             for _ in dofn.process(samples[i : i + case.batch]):
                 pass
+        for _ in dofn.finish_bundle():
+            pass
+        elapsed = time.perf_counter() - start
+        dofn.teardown()
+        return elapsed
+
+    def prefetch(self, case: Case) -> float:
+        """beamcap with prefetch_images: a batch's images read while the previous batch generates."""
+        return self.beamcap(case, prefetch_images=True)
+
+    def inputs(self, case: Case) -> float:
+        """beamcap's input path alone (parse, read, decode with draft mode, processor), no generate:
+        the most that overlapping it with generation could save."""
+        cap = self.captioner(case)
+        config = self._config(case)
+        samples = [{"text": "<__dj__image>", "images": [p]} for p in self.paths]
+        start = time.perf_counter()
+        for i in range(0, len(samples), case.batch):
+            works = [_parse(sample, config) for sample in samples[i : i + case.batch]]
+            for work in works:
+                _load_images(work, config, self.dofn._info["input_size"])
+            cap.prepare([image for work in works for image in work.images.values()], None)
         return time.perf_counter() - start
 
     def reference(self, case: Case) -> float:
@@ -223,6 +246,97 @@ class Bench:
         return time.perf_counter() - start, loads
 
 
+PROMPTS = ["a photo of", "a picture of", "a close-up photograph, taken outdoors on a sunny day, of", "an image of"]
+
+
+class PromptBench:
+    """Mixed prompts (``prompt_key``, four prompts of different token lengths, in random order).
+
+    A batch is split into one ``generate`` call per prompt (SPEC: prompts are
+    never mixed), so no call pads a prompt; what matters is how full the calls are.
+
+    - arrival: the DoFn on batches in arrival order: several small calls per batch;
+    - ordered: the same samples ordered by prompt first, as ``CaptionImages``
+      batches them (``OrderByPrompt``): full calls;
+    - reference: Data-Juicer's way, all prompts of a sub-batch in one call,
+      padded (on the right, for BLIP: the padded prompts' captions degrade).
+    """
+
+    def __init__(self, bench: Bench):
+        self.bench = bench
+        rng = random.Random(0)
+        self.samples = [{"text": "<__dj__image>", "images": [p], "prompt": rng.choice(PROMPTS)} for p in bench.paths]
+
+    def _beamcap(self, case: Case, samples: list[dict]) -> float:
+        bench = self.bench
+        bench.captioner(case)
+        dofn = CaptionDoFn(bench._config(case, prompt_key="prompt"), handle_failures=True)
+        dofn._attach(bench.dofn._captioner)
+        placed = [(s, GlobalWindows.windowed_value(None)) for s in samples]
+        start = time.perf_counter()
+        dofn.start_bundle()
+        for i in range(0, len(placed), case.batch):
+            for _ in dofn.process(placed[i : i + case.batch]):
+                pass
+        return time.perf_counter() - start
+
+    def arrival(self, case: Case) -> float:
+        return self._beamcap(case, self.samples)
+
+    def ordered(self, case: Case) -> float:
+        return self._beamcap(case, sorted(self.samples, key=lambda s: s["prompt"]))
+
+    def reference(self, case: Case) -> float:
+        cap = self.bench.captioner(case)
+        settings = dict(self.bench._settings(case), num_return_sequences=1)
+        start = time.perf_counter()
+        for i in range(0, len(self.samples), case.batch):
+            part = self.samples[i : i + case.batch]
+            images = [decode(s["images"][0]) for s in part]
+            inputs = cap.processor(images=images, text=[s["prompt"] for s in part], return_tensors="pt", padding=True)
+            inputs = {k: v.to(cap.device, dtype=cap.dtype) if v.is_floating_point() else v.to(cap.device)
+                      for k, v in inputs.items()}  # fmt: skip
+            for _ in range(case.caption_num):
+                with torch.inference_mode():
+                    cap.decode(cap.model.generate(**inputs, **settings))
+        return time.perf_counter() - start
+
+    def calls_per_batch(self, case: Case, sort: bool) -> float:
+        samples = sorted(self.samples, key=lambda s: s["prompt"]) if sort else self.samples
+        batches = [samples[i : i + case.batch] for i in range(0, len(samples), case.batch)]
+        return sum(len({s["prompt"] for s in b}) for b in batches) / len(batches)
+
+
+def report_prompts(bench: Bench, cases: list[Case], repeats: int, n: int) -> None:
+    prompts = PromptBench(bench)
+    print("\nmixed prompts (prompt_key; 4 prompts of different lengths, random order):\n")
+    print(
+        "| case | arrival order img/s (calls/batch) | ordered by prompt img/s (calls/batch) | reference (padded) img/s "
+        "| ordered/arrival | ordered/reference |"
+    )
+    print("|---|---|---|---|---|---|")
+    methods = {"arrival": prompts.arrival, "ordered": prompts.ordered, "reference": prompts.reference}
+    for case in cases:
+        prompts.ordered(case)  # warm-up
+        rate: dict[str, list[float]] = {name: [] for name in methods}
+        for _ in range(repeats):
+            for name, fn in methods.items():  # interleaved
+                rate[name].append(n / fn(case))
+        cell = {k: "{:.2f} ({:.2f}-{:.2f})".format(*median_spread(v)) for k, v in rate.items()}
+        ratio = {
+            k: "{:.2f}x ({:.2f}-{:.2f})".format(
+                *median_spread([a / b for a, b in zip(rate["ordered"], rate[k], strict=True)])
+            )
+            for k in ("arrival", "reference")
+        }
+        print(
+            f"| {case.label()} | {cell['arrival']}; {prompts.calls_per_batch(case, False):.1f} "
+            f"| {cell['ordered']}; {prompts.calls_per_batch(case, True):.1f} | {cell['reference']} "
+            f"| {ratio['arrival']} | {ratio['reference']} |",
+            flush=True,
+        )
+
+
 def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
@@ -230,6 +344,7 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
 def measure(bench: Bench, case: Case, repeats: int) -> dict[str, list[float]]:
     methods: dict[str, Callable[[Case], float]] = {
         "floor": bench.floor, "beamcap": bench.beamcap, "reference": bench.reference, "runinference": bench.runinference,
+        "inputs": bench.inputs, "prefetch": bench.prefetch,
     }  # fmt: skip
     bench.beamcap(case)  # warm-up (allocator, lazy imports)
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -248,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long", action="store_true", help="BLIP-base mode: also 128 new tokens (slow on CPU)")
     parser.add_argument("--images", type=int, default=None)
+    parser.add_argument(
+        "--prompts", action="store_true", help="also mixed prompts: beamcap vs prompt-sorted vs the reference"
+    )
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beamcap-bench"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -287,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         "beamcap/reference | beamcap/RunInference |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    shares = []
     for case in cases:
         times = measure(bench, case, repeats)
         rate = {k: [n / t for t in v] for k, v in times.items()}
@@ -299,6 +418,19 @@ def main(argv: list[str] | None = None) -> None:
         ]
         cells += [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ratio.values()]
         print(f"| {case.label()} | " + " | ".join(cells) + " |", flush=True)
+        shares.append((
+            case,
+            median_spread([a / b for a, b in zip(times["inputs"], times["beamcap"], strict=True)]),
+            median_spread([b / a for a, b in zip(times["prefetch"], times["beamcap"], strict=True)]),
+        ))  # fmt: skip
+    print(
+        "\nbeamcap's input path (read, decode, processor) as a share of its steady-state time, and "
+        "prefetch_images=True (images read in the background while the previous batch generates) over beamcap:"
+    )
+    for case, (m, lo, hi), (pm, plo, phi) in shares:
+        print(f"- {case.label()}: input share {m:.1%} ({lo:.1%}-{hi:.1%}); prefetch {pm:.2f}x ({plo:.2f}-{phi:.2f})")
+    if args.prompts and not args.chat:
+        report_prompts(bench, [c for c in cases if c.samples_per_call is None and c.batch > 1], repeats, n)
     case = cases[0]
     bc_wall, bc_loads = bench.beamcap_pipeline(case)
     ri_wall, ri_loads = bench.runinference_pipeline(case)
