@@ -247,3 +247,29 @@ def test_order_by_prompt_emits_everything_in_its_own_window(image_dir):
             | beam.Map(lambda item, w=beam.DoFn.WindowParam: (item[0]["id"], float(item[1].timestamp), float(w.start)))
         )
         assert_that(out, equal_to([(i, i * 10.0, 20.0 * (i // 2)) for i in range(7)]))
+
+
+def test_session_windows_merge_downstream_as_without_the_batcher(blip_dir, image_dir):
+    """Merging windows: each sample goes back to its own proto-session, so a downstream per-session count merges
+    them exactly as it would have without captioning in between."""
+
+    def at(i, ts):
+        return window.TimestampedValue({"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]}, ts)
+
+    stream = (
+        TestStream()
+        .add_elements([at(0, 1), at(1, 5), at(2, 30)])
+        .advance_watermark_to(25)  # the session [1, 15) ends while its samples wait
+        .add_elements([at(3, 36)])
+        .advance_watermark_to_infinity()
+    )
+    transform = CaptionImages(blip_dir, gpu_batch_size=8, max_batch_duration_secs=5, keep_original_sample=False, **FAST)
+    with TestPipeline(options=streaming()) as p:
+        generated = p | stream | beam.WindowInto(window.Sessions(10)) | transform
+        counts = (
+            generated
+            | beam.Map(lambda sample: ("generated", 1))
+            | beam.CombinePerKey(sum)
+            | beam.Map(lambda kv, w=beam.DoFn.WindowParam: (float(w.start), float(w.end), kv[1]))
+        )
+        assert_that(counts, equal_to([(1.0, 15.0, 2), (30.0, 46.0, 2)]))
