@@ -229,6 +229,7 @@ class Captioner:
             "load_secs": self.load_secs,
             "kind": self.kind,
             "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
 
     def prompt_text(self, prompt: str | None) -> str:

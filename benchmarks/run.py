@@ -49,6 +49,7 @@ from PIL import Image  # noqa: E402
 from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages, demo_model_path  # noqa: E402
 from beamcap.demo.shapes import Scene, draw_scene  # noqa: E402
 from beamcap.dofn import CaptionDoFn, _load_images, _parse  # noqa: E402
+from benchmarks.gpu_busy import GpuBusy  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -136,16 +137,20 @@ def decode(path: str) -> Image.Image:
 
 
 class Bench:
-    def __init__(self, model_path: str, paths: list[str], extra: dict):
-        self.model_path, self.paths, self.extra = model_path, paths, extra
+    def __init__(self, model_path: str, paths: list[str], extra: dict, torch_dtype: str | None = None):
+        self.model_path, self.paths, self.extra, self.torch_dtype = model_path, paths, extra, torch_dtype
         self.dofn = None
 
     def _config(self, case: Case, **kw) -> CaptionConfig:
         return CaptionConfig(
             self.model_path, caption_num=case.caption_num, keep_candidate_mode="all", gpu_batch_size=case.batch,
             max_new_tokens=case.tokens, device="cpu" if not torch.cuda.is_available() else None,
+            torch_dtype=self.torch_dtype,
             generate_kwargs=dict(self.extra, **({"min_new_tokens": case.tokens} if self.extra else {})), **kw,
         )  # fmt: skip
+
+    def dtype_name(self) -> str:
+        return str(self.dofn._captioner.info().get("dtype", "?")) if self.dofn else "?"
 
     def _settings(self, case: Case) -> dict:
         return self._config(case).generation_settings()
@@ -337,6 +342,16 @@ def report_prompts(bench: Bench, cases: list[Case], repeats: int, n: int) -> Non
         )
 
 
+def report_gpu_busy(bench: Bench, cases: list[Case]) -> None:
+    """nvidia-smi utilisation while beamcap's steady state runs each case (GPU machines only)."""
+    print(f"\nGPU busy during beamcap's steady state (nvidia-smi utilization.gpu, dtype {bench.dtype_name()}):")
+    for case in cases:
+        with GpuBusy(torch.cuda.current_device()) as busy:
+            bench.beamcap(case)
+        mean = "n/a (no nvidia-smi)" if busy.mean is None else f"{busy.mean:.0f}% over {len(busy.samples)} samples"
+        print(f"- {case.label()}: {mean}", flush=True)
+
+
 def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
@@ -363,6 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long", action="store_true", help="BLIP-base mode: also 128 new tokens (slow on CPU)")
     parser.add_argument("--images", type=int, default=None)
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="default: beamcap's (bf16/fp16 on CUDA)",
+    )
     parser.add_argument(
         "--prompts", action="store_true", help="also mixed prompts: beamcap vs prompt-sorted vs the reference"
     )
@@ -392,14 +413,15 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 1 if args.smoke else args.repeats
     image_dir = os.path.join(args.cache, f"images-{n}")
     os.makedirs(image_dir, exist_ok=True)
-    bench = Bench(model, make_images(image_dir, n), extra)
+    bench = Bench(model, make_images(image_dir, n), extra, args.dtype)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     label = "smoke" if args.smoke else "quick" if args.quick else "chat (tiny LLaVA)" if args.chat else "BLIP-base"
     print(
         f"# beamcap benchmark: {label}, {n} images "
         f"640x480, {repeats} repeats, {device}, torch {torch.__version__}, Python {platform.python_version()}"
     )
-    print(f"model: {model}\n")
+    bench.captioner(cases[0])  # load once, before timing
+    print(f"model: {model} ({bench.dtype_name()} on {bench.dofn._captioner.info()['device']})\n")
     print(
         "| case | floor img/s | beamcap img/s | reference img/s | RunInference img/s | beamcap/floor | "
         "beamcap/reference | beamcap/RunInference |"
@@ -431,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- {case.label()}: input share {m:.1%} ({lo:.1%}-{hi:.1%}); prefetch {pm:.2f}x ({plo:.2f}-{phi:.2f})")
     if args.prompts and not args.chat:
         report_prompts(bench, [c for c in cases if c.samples_per_call is None and c.batch > 1], repeats, n)
+    if torch.cuda.is_available():
+        report_gpu_busy(bench, cases)
     case = cases[0]
     bc_wall, bc_loads = bench.beamcap_pipeline(case)
     ri_wall, ri_loads = bench.runinference_pipeline(case)

@@ -10,3 +10,34 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert "beamcap/floor" in out and "model loaded 1x" in out
     assert out.count("input share") == 2 and "prefetch" in out
     assert "ordered/arrival" in out
+
+
+def test_gpu_busy_parses_nvidia_smi_lines():
+    from benchmarks.gpu_busy import parse_utilization
+
+    assert parse_utilization("37\n[N/A]\n\n 63 \n") == [37.0, 63.0]  # "[N/A]" and blank lines are skipped
+
+
+def test_gpu_busy_samples_while_the_block_runs(tmp_path, monkeypatch):
+    """Against a stand-in nvidia-smi on PATH (this machine has no GPU): samples come back, parsed."""
+    import os
+    import time
+
+    from benchmarks.gpu_busy import GpuBusy
+
+    script = tmp_path / "nvidia-smi"
+    script.write_text("#!/bin/sh\necho 40\necho 60\nexec sleep 30\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with GpuBusy() as busy:
+        time.sleep(0.5)
+    assert busy.samples == [40.0, 60.0] and busy.mean == 50.0
+
+
+def test_gpu_busy_without_nvidia_smi_reports_nothing(monkeypatch):
+    from benchmarks.gpu_busy import GpuBusy
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with GpuBusy() as busy:
+        pass
+    assert busy.samples == [] and busy.mean is None
