@@ -137,16 +137,20 @@ def decode(path: str) -> Image.Image:
 
 
 class Bench:
-    def __init__(self, model_path: str, paths: list[str], extra: dict, torch_dtype: str | None = None):
+    def __init__(
+        self, model_path: str, paths: list[str], extra: dict, torch_dtype: str | None = None, reference_dtype="float32"
+    ):
         self.model_path, self.paths, self.extra, self.torch_dtype = model_path, paths, extra, torch_dtype
+        self.reference_dtype = reference_dtype
         self.dofn = None
+        self._reference_captioner = None
 
     def _config(self, case: Case, **kw) -> CaptionConfig:
         return CaptionConfig(
             self.model_path, caption_num=case.caption_num, keep_candidate_mode="all", gpu_batch_size=case.batch,
             max_new_tokens=case.tokens, device="cpu" if not torch.cuda.is_available() else None,
-            torch_dtype=self.torch_dtype,
-            generate_kwargs=dict(self.extra, **({"min_new_tokens": case.tokens} if self.extra else {})), **kw,
+            generate_kwargs=dict(self.extra, **({"min_new_tokens": case.tokens} if self.extra else {})),
+            **{"torch_dtype": self.torch_dtype, **kw},
         )  # fmt: skip
 
     def dtype_name(self) -> str:
@@ -160,6 +164,18 @@ class Bench:
             self.dofn = CaptionDoFn(self._config(case), handle_failures=True)
             self.dofn.setup()
         return self.dofn._captioner
+
+    def reference_captioner(self, case: Case):
+        """The model as the reference runs it: Data-Juicer loads it without a dtype (float32 for BLIP checkpoints).
+        On CPU (float32 either way) this is the same loaded model."""
+        captioner = self.captioner(case)
+        if self.reference_dtype in (None, self.dtype_name()):
+            return captioner
+        if self._reference_captioner is None:
+            from beamcap.model import load_captioner
+
+            self._reference_captioner = load_captioner(self._config(case, torch_dtype=self.reference_dtype))
+        return self._reference_captioner
 
     def floor(self, case: Case) -> float:
         cap, settings = self.captioner(case), self._settings(case)
@@ -208,7 +224,7 @@ class Bench:
     def reference(self, case: Case) -> float:
         """Data-Juicer's way: per call, images decoded inline, sub-batches of gpu_batch_size,
         the processor per sub-batch, a full generate per candidate."""
-        cap, group = self.captioner(case), case.samples_per_call or case.batch
+        cap, group = self.reference_captioner(case), case.samples_per_call or case.batch
         settings = dict(self._settings(case), num_return_sequences=1)
         start = time.perf_counter()
         for i in range(0, len(self.paths), group):
@@ -292,7 +308,7 @@ class PromptBench:
         return self._beamcap(case, sorted(self.samples, key=lambda s: s["prompt"]))
 
     def reference(self, case: Case) -> float:
-        cap = self.bench.captioner(case)
+        cap = self.bench.reference_captioner(case)
         settings = dict(self.bench._settings(case), num_return_sequences=1)
         start = time.perf_counter()
         for i in range(0, len(self.samples), case.batch):
@@ -387,6 +403,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prompts", action="store_true", help="also mixed prompts: beamcap vs prompt-sorted vs the reference"
     )
+    parser.add_argument(
+        "--reference_dtype",
+        default="float32",
+        help="the dtype the reference's method runs the model in (as Data-Juicer)",
+    )
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "beamcap-bench"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -413,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 1 if args.smoke else args.repeats
     image_dir = os.path.join(args.cache, f"images-{n}")
     os.makedirs(image_dir, exist_ok=True)
-    bench = Bench(model, make_images(image_dir, n), extra, args.dtype)
+    bench = Bench(model, make_images(image_dir, n), extra, args.dtype, args.reference_dtype)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     label = "smoke" if args.smoke else "quick" if args.quick else "chat (tiny LLaVA)" if args.chat else "BLIP-base"
     print(
@@ -421,7 +442,10 @@ def main(argv: list[str] | None = None) -> None:
         f"640x480, {repeats} repeats, {device}, torch {torch.__version__}, Python {platform.python_version()}"
     )
     bench.captioner(cases[0])  # load once, before timing
-    print(f"model: {model} ({bench.dtype_name()} on {bench.dofn._captioner.info()['device']})\n")
+    print(
+        f"model: {model} ({bench.dtype_name()} on {bench.dofn._captioner.info()['device']}; "
+        f"the reference's method in {bench.reference_captioner(cases[0]).info()['dtype']})\n"
+    )
     print(
         "| case | floor img/s | beamcap img/s | reference img/s | RunInference img/s | beamcap/floor | "
         "beamcap/reference | beamcap/RunInference |"

@@ -41,3 +41,18 @@ def test_gpu_busy_without_nvidia_smi_reports_nothing(monkeypatch):
     with GpuBusy() as busy:
         pass
     assert busy.samples == [] and busy.mean is None
+
+
+def test_the_reference_method_runs_its_own_copy_in_its_own_dtype(tmp_path):
+    """On a GPU beamcap runs bf16/fp16 while Data-Juicer loads float32: the reference's method gets a float32 copy.
+    Where both dtypes match (CPU), it shares beamcap's model."""
+    from beamcap import demo_model_path
+    from benchmarks.run import Bench, Case, make_images
+
+    paths = make_images(str(tmp_path), 1)
+    case = Case(1, 1, 2)
+    same = Bench(demo_model_path(), paths, {})
+    assert same.reference_captioner(case) is same.captioner(case)
+    other = Bench(demo_model_path(), paths, {}, reference_dtype="bfloat16")
+    assert other.captioner(case).info()["dtype"] == "float32"
+    assert other.reference_captioner(case).info()["dtype"] == "bfloat16"
