@@ -141,9 +141,7 @@ class BatchByImages(beam.PTransform):
     def expand(self, samples):
         config = self._config
         min_size, max_size = config.batch_bounds
-        weight = functools.partial(
-            image_weight, text_key=config.text_key, image_key=config.image_key, image_token=config.image_token
-        )
+        weight = functools.partial(image_weight, config=config)
         placed = samples | "KeepPlacement" >> beam.Map(with_placement)
         if not uses_stream_batcher(config, samples):
             if config.prompt_key is not None:

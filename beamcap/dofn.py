@@ -142,11 +142,11 @@ def with_placement(
     return sample, WindowedValue(None, timestamp, (window,), pane)
 
 
-def image_weight(item: Placed, text_key: str, image_key: str, image_token: str) -> int:
+def image_weight(item: Placed, config: CaptionConfig) -> int:
     """How many images a placed sample sends to ``generate`` (at least 1): its weight in a batch."""
-    element = item[0]
-    if isinstance(element, dict) and isinstance(element.get(text_key), str) and element.get(image_key):
-        return max(1, element[text_key].count(image_token))
+    element, text_key = item[0], config.text_key
+    if isinstance(element, dict) and isinstance(element.get(text_key), str) and element.get(config.image_key):
+        return max(1, element[text_key].count(config.image_token))
     return 1
 
 
@@ -198,7 +198,6 @@ class CaptionDoFn(beam.DoFn):
         self._settings = self._config.generation_settings()
         self._progress = {"samples": 0, "images": 0, "failed": 0}
         self._started = self._last_log = time.monotonic()
-        self._pending = None
         self._reader = ThreadPoolExecutor(1, "beamcap-read") if self._config.prefetch_images else None
 
     def _acquire_across_processes(self, load):

@@ -207,6 +207,10 @@ class Captioner:
             inputs = dict(self.processor(images=list(images), text=text, return_tensors="pt", **padding))
         if "token_type_ids" in inputs and "token_type_ids" not in self._accepts:
             del inputs["token_type_ids"]
+        return self.on_device(inputs)
+
+    def on_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors moved to the model's device; floating-point ones cast to its dtype."""
         return {
             k: v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
             for k, v in inputs.items()

@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 
 from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages, demo_model_path  # noqa: E402
 from beamcap.demo.shapes import Scene, draw_scene  # noqa: E402
-from beamcap.dofn import CaptionDoFn, _load_images, _parse  # noqa: E402
+from beamcap.dofn import CaptionDoFn  # noqa: E402
 from benchmarks.gpu_busy import GpuBusy  # noqa: E402
 
 
@@ -187,11 +187,14 @@ class Bench:
                 cap.model.generate(**inputs, **settings)
         return time.perf_counter() - start
 
-    def beamcap(self, case: Case, **kw) -> float:
+    def beamcap(self, case: Case, samples: list[dict] | None = None, **kw) -> float:
+        """The captioning DoFn over one bundle of ``samples`` (default: one image each), in batches of case.batch."""
         self.captioner(case)
         dofn = CaptionDoFn(self._config(case, **kw), handle_failures=True)
         dofn._attach(self.dofn._captioner)  # the model loaded once, with this case's settings
-        samples = [({"text": "<__dj__image>", "images": [p]}, GlobalWindows.windowed_value(None)) for p in self.paths]
+        if samples is None:
+            samples = [{"text": "<__dj__image>", "images": [p]} for p in self.paths]
+        samples = [(sample, GlobalWindows.windowed_value(None)) for sample in samples]
         start = time.perf_counter()
         dofn.start_bundle()
         for i in range(0, len(samples), case.batch):
@@ -211,13 +214,10 @@ class Bench:
         """beamcap's input path alone (parse, read, decode with draft mode, processor), no generate:
         the most that overlapping it with generation could save."""
         cap = self.captioner(case)
-        config = self._config(case)
-        samples = [{"text": "<__dj__image>", "images": [p]} for p in self.paths]
+        samples = [({"text": "<__dj__image>", "images": [p]}, GlobalWindows.windowed_value(None)) for p in self.paths]
         start = time.perf_counter()
         for i in range(0, len(samples), case.batch):
-            works = [_parse(sample, config) for sample in samples[i : i + case.batch]]
-            for work in works:
-                _load_images(work, config, self.dofn._info["input_size"])
+            works = self.dofn._read(samples[i : i + case.batch])
             cap.prepare([image for work in works for image in work.images.values()], None)
         return time.perf_counter() - start
 
@@ -288,24 +288,11 @@ class PromptBench:
         rng = random.Random(0)
         self.samples = [{"text": "<__dj__image>", "images": [p], "prompt": rng.choice(PROMPTS)} for p in bench.paths]
 
-    def _beamcap(self, case: Case, samples: list[dict]) -> float:
-        bench = self.bench
-        bench.captioner(case)
-        dofn = CaptionDoFn(bench._config(case, prompt_key="prompt"), handle_failures=True)
-        dofn._attach(bench.dofn._captioner)
-        placed = [(s, GlobalWindows.windowed_value(None)) for s in samples]
-        start = time.perf_counter()
-        dofn.start_bundle()
-        for i in range(0, len(placed), case.batch):
-            for _ in dofn.process(placed[i : i + case.batch]):
-                pass
-        return time.perf_counter() - start
-
     def arrival(self, case: Case) -> float:
-        return self._beamcap(case, self.samples)
+        return self.bench.beamcap(case, self.samples, prompt_key="prompt")
 
     def ordered(self, case: Case) -> float:
-        return self._beamcap(case, sorted(self.samples, key=lambda s: s["prompt"]))
+        return self.bench.beamcap(case, sorted(self.samples, key=lambda s: s["prompt"]), prompt_key="prompt")
 
     def reference(self, case: Case) -> float:
         cap = self.bench.reference_captioner(case)
@@ -314,9 +301,8 @@ class PromptBench:
         for i in range(0, len(self.samples), case.batch):
             part = self.samples[i : i + case.batch]
             images = [decode(s["images"][0]) for s in part]
-            inputs = cap.processor(images=images, text=[s["prompt"] for s in part], return_tensors="pt", padding=True)
-            inputs = {k: v.to(cap.device, dtype=cap.dtype) if v.is_floating_point() else v.to(cap.device)
-                      for k, v in inputs.items()}  # fmt: skip
+            prompts = [s["prompt"] for s in part]
+            inputs = cap.on_device(cap.processor(images=images, text=prompts, return_tensors="pt", padding=True))
             for _ in range(case.caption_num):
                 with torch.inference_mode():
                     cap.decode(cap.model.generate(**inputs, **settings))

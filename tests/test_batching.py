@@ -79,9 +79,7 @@ def test_without_time_passing_samples_wait_for_the_end_of_the_stream():
 
 
 def _weight_and_places(batch, config, timestamp=beam.DoFn.TimestampParam):
-    weight = functools.partial(
-        image_weight, text_key=config.text_key, image_key=config.image_key, image_token=config.image_token
-    )
+    weight = functools.partial(image_weight, config=config)
     # A batch is stamped no later than its earliest sample (the earliest of its pane): that is the watermark
     # hold that keeps downstream windows open while samples wait, on every runner.
     assert timestamp <= min(place.timestamp for _, place in batch), (timestamp, batch)
