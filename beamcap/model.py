@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from beamcap.config import CaptionConfig
+from beamcap.generation import generate
 from beamcap.paths import has_scheme
 from beamcap.sampling import seeded_settings
 from beamcap.seeding import derive_seed
@@ -273,6 +274,8 @@ class Captioner:
     ) -> list[list[str]]:
         """One ``generate`` call: ``num_return_sequences`` candidates for each image.
 
+        Candidates share their image's work where the model allows (see :mod:`beamcap.generation`).
+
         With ``seeds`` (one per image) and plain sampling, each candidate is
         drawn from its own seeded stream, so captions do not depend on the
         other images of the call.
@@ -283,7 +286,7 @@ class Captioner:
             row_seeds = [derive_seed(seed, candidate) for seed in seeds for candidate in range(n)]
             settings = seeded_settings(self.model, settings, row_seeds)
         with torch.inference_mode():
-            sequences = self.model.generate(**inputs, **settings)
+            sequences = generate(self.model, inputs, settings)
         input_ids = inputs.get("input_ids")
         texts = self.decode(sequences, input_ids.shape[1] if input_ids is not None else 0)
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]

@@ -1,0 +1,154 @@
+"""Candidates share their image's cross-attention: the same tokens as ``model.generate``, less repeated work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from beamcap import generation
+from beamcap.config import CaptionConfig
+from beamcap.generation import generate, shares_image_pass
+from beamcap.model import load_captioner
+from beamcap.sampling import seeded_settings
+
+SETTINGS = {"do_sample": True, "num_return_sequences": 3, "max_new_tokens": 6, "min_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def blip(blip_dir):
+    return load_captioner(CaptionConfig(blip_dir, device="cpu"))
+
+
+def images(n: int) -> list[Image.Image]:
+    colours = [(220, 30, 30), (30, 180, 60), (40, 60, 220), (230, 210, 40)]
+    return [Image.new("RGB", (40, 30), colours[i % 4]) for i in range(n)]
+
+
+def both(captioner, inputs: dict, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """beamcap's generate and the model's own, from the same random state."""
+    with torch.inference_mode():
+        torch.manual_seed(7)
+        ours = generate(captioner.model, dict(inputs), settings)
+        torch.manual_seed(7)
+        theirs = captioner.model.generate(**inputs, **settings)
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def captioners(model_dirs, blip):
+    loaded = {"blip": blip}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = load_captioner(CaptionConfig(model_dirs(family), device="cpu"))
+        return loaded[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["blip", "blip2_opt", "llava", "vision_encoder_decoder"])
+@pytest.mark.parametrize("prompt", [None, "a photo of"])
+def test_same_tokens_as_the_models_generate(captioners, family, prompt):
+    captioner = captioners(family)
+    inputs = captioner.prepare(images(4), prompt)
+    assert shares_image_pass(captioner.model, inputs, SETTINGS)
+    ours, theirs = both(captioner, inputs, SETTINGS)
+    assert ours.shape[0] == 4 * SETTINGS["num_return_sequences"]
+    assert torch.equal(ours, theirs)
+
+
+def test_same_tokens_with_seeded_rows(blip):
+    inputs = blip.prepare(images(3), None)
+    rows = list(range(100, 100 + 3 * SETTINGS["num_return_sequences"]))
+    ours, theirs = both(blip, inputs, seeded_settings(blip.model, SETTINGS, rows))
+    assert torch.equal(ours, theirs)
+    again, _ = both(blip, inputs, seeded_settings(blip.model, SETTINGS, rows))
+    assert torch.equal(ours, again)
+
+
+CROSS_KEY_PROJECTION = {  # the first decoder layer's projection of the image embeddings into cross-attention keys
+    "blip": lambda model: model.text_decoder.bert.encoder.layer[0].crossattention.self.key,
+    "vision_encoder_decoder": lambda model: model.decoder.transformer.h[0].crossattention.c_attn,
+}
+
+
+@pytest.mark.parametrize("family", sorted(CROSS_KEY_PROJECTION))
+def test_image_embeddings_are_projected_once_per_image(captioners, family):
+    captioner = captioners(family)
+    inputs = captioner.prepare(images(2), None)
+    seen: list[int] = []
+    layer = CROSS_KEY_PROJECTION[family](captioner.model)
+    handle = layer.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            generate(captioner.model, dict(inputs), SETTINGS)
+            ours = list(seen)
+            seen.clear()
+            captioner.model.generate(**inputs, **SETTINGS)
+            theirs = list(seen)
+    finally:
+        handle.remove()
+    assert ours == [2]  # once, for the two images
+    assert theirs == [2 * SETTINGS["num_return_sequences"]]  # the model's generate: once per candidate
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(SETTINGS, num_return_sequences=1),
+        dict(SETTINGS, num_beams=3, do_sample=False),
+        dict(SETTINGS, use_cache=False),
+    ],
+    ids=["one-candidate", "beam-search", "no-cache"],
+)
+def test_other_settings_run_the_models_generate(blip, settings):
+    inputs = blip.prepare(images(2), None)
+    assert not shares_image_pass(blip.model, inputs, settings)
+    ours, theirs = both(blip, inputs, settings)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["git", "blip2_t5", "florence2"])
+def test_other_models_run_their_own_generate(captioners, family):
+    captioner = captioners(family)
+    inputs = captioner.prepare(images(2), None)
+    assert not shares_image_pass(captioner.model, inputs, SETTINGS)
+    ours, theirs = both(captioner, inputs, SETTINGS)
+    assert torch.equal(ours, theirs)
+
+
+def test_the_language_models_prompt_is_run_once_per_image(captioners):
+    """BLIP-2 (OPT): the prefix (query tokens and prompt) goes through the language model for 2 rows, not 2 x 3."""
+    captioner = captioners("blip2_opt")
+    inputs = captioner.prepare(images(2), "a photo of")
+    width = inputs["input_ids"].shape[1]
+    seen: list[tuple[int, int]] = []
+    layer = captioner.model.language_model.model.decoder.layers[0]
+    handle = layer.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape[:2])))
+    try:
+        with torch.inference_mode():
+            generate(captioner.model, dict(inputs), SETTINGS)
+    finally:
+        handle.remove()
+    n = SETTINGS["num_return_sequences"]
+    assert seen[0] == (2, width - 1)  # the prefix, once per image
+    assert seen[1:] == [(2 * n, 1)] * SETTINGS["max_new_tokens"]  # then one token per step for every candidate
+
+
+def test_a_shared_path_that_no_longer_fits_falls_back_to_the_models_generate(captioners, monkeypatch, caplog):
+    captioner = captioners("blip2_opt")
+    model = captioner.model
+    inputs = captioner.prepare(images(2), None)
+
+    def renamed(*args, **kwargs):
+        raise TypeError("get_image_features() got an unexpected keyword argument 'return_dict'")
+
+    monkeypatch.setattr(model, "get_image_features", renamed)
+    try:
+        ours, theirs = both(captioner, inputs, SETTINGS)
+        assert torch.equal(ours, theirs)
+        assert "does not fit Blip2ForConditionalGeneration" in caplog.text
+        assert getattr(model, generation._OPT_OUT)
+    finally:
+        model.__dict__.pop(generation._OPT_OUT, None)  # the model is shared by this module's tests
