@@ -9,7 +9,10 @@ Every method uses the same loaded model, the same 640x480 JPEGs and the same
 generation settings (``do_sample=True``; a random-weight model also gets
 ``min_new_tokens = max_new_tokens`` so every method generates the same length):
 
-- floor: ``model.generate`` alone on tensors preprocessed before timing;
+- floor: ``model.generate`` alone on tensors preprocessed before timing (with
+  ``caption_num > 1``, beamcap can pass it: for BLIP and the chat model it runs
+  each image's share of the work once for all candidates, see
+  ``beamcap/generation.py``);
 - beamcap: the captioning DoFn's ``process()`` on batches (images read and
   decoded inline, model loaded before timing): the steady state; and the whole
   ``CaptionImages`` pipeline on DirectRunner, wall time including start and load;
@@ -365,9 +368,11 @@ def measure(bench: Bench, case: Case, repeats: int) -> dict[str, list[float]]:
     }  # fmt: skip
     bench.beamcap(case)  # warm-up (allocator, lazy imports)
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():  # interleaved, so drift hits every method alike
-            times[name].append(fn(case))
+    names = list(methods)
+    for repeat in range(repeats):
+        # interleaved, so drift hits every method alike; the order rotates, so no method always follows another
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            times[name].append(methods[name](case))
     return times
 
 
