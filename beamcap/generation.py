@@ -9,22 +9,25 @@ the prompt is done ``n`` times:
   layer's cross-attention keys and values once per candidate (about a
   quarter of the time of a 16-token caption with BLIP-base on CPU);
 - BLIP-2 with a decoder-only language model (OPT), and LLaVA: the language
-  model reads the image tokens and the prompt once per candidate.
+  model reads the image tokens and the prompt once per candidate;
+- GIT: ``generate`` repeats ``pixel_values`` for every candidate, so its image
+  encoder runs ``n`` times per image.
 
-For these, beamcap runs that part once per image (one decoder step for the
-cross-attention models, the prompt minus its last token for the decoder-only
-ones) and hands
-``generate`` a cache that already holds it, repeated for the candidates;
-``generate`` continues from that cache as it does from any cache. The tokens
-are the same as ``model.generate``'s: no random draw is added or moved, and the
-tests compare them token for token. Every other model, beam search, one
-candidate, and padded calls run ``model.generate`` unchanged.
+For these, beamcap runs that part once per image: one decoder step for the
+cross-attention models, or the prompt minus its last token for the
+decoder-only ones, whose cache (repeated for the candidates) ``generate`` then
+continues from, as it does from any cache; for GIT, hooks on the image
+encoder. The tokens are the same as ``model.generate``'s: no random draw is
+added or moved, and the tests compare them token for token. Every other
+model, beam search, one candidate, and padded calls run ``model.generate``
+unchanged.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -39,6 +42,7 @@ def _shared_generate(model: Any):
     from transformers import (
         Blip2ForConditionalGeneration,
         BlipForConditionalGeneration,
+        GitForCausalLM,
         LlavaForConditionalGeneration,
         VisionEncoderDecoderModel,
     )
@@ -51,6 +55,8 @@ def _shared_generate(model: Any):
         return _llava_generate
     if type(model) is VisionEncoderDecoderModel:
         return _vision_encoder_decoder_generate
+    if type(model) is GitForCausalLM:
+        return _git_generate
     return None
 
 
@@ -81,8 +87,11 @@ def generate(model: Any, inputs: dict[str, torch.Tensor], settings: dict[str, An
             setattr(model, _OPT_OUT, True)
             _LOGGER.warning(
                 "beamcap's shared image pass does not fit %s in this transformers version (%s: %s); "
-                "using the model's own generate from now on (the same captions, more work per candidate).", type(model).__name__, type(error).__name__, error,
-            )  # fmt: skip
+                "using the model's own generate from now on (the same captions, more work per candidate).",
+                type(model).__name__,
+                type(error).__name__,
+                error,
+            )
             return sequences
     return model.generate(**inputs, **settings)
 
@@ -235,3 +244,54 @@ def _vision_encoder_decoder_generate(
         **{_cache_kwarg(model): EncoderDecoderCache(DynamicCache(config=config), cross)},
         **settings,
     )
+
+
+_GIT_CALL = threading.local()  # .candidates: n while this thread runs _git_generate
+_HOOK_LOCK = threading.Lock()
+
+
+def _git_generate(model: Any, settings: dict[str, Any], **inputs: torch.Tensor) -> torch.Tensor:
+    """GIT's generate, with its image encoder run once per image.
+
+    GIT reads ``pixel_values`` inside ``forward``, and ``generate`` has repeated them for every candidate, so
+    its vision model would run ``n`` times per image. Hooks on the image encoder (inert outside this call)
+    run it on one copy of each image and repeat the features for the candidates.
+    """
+    encoder = model.git.image_encoder
+    with _HOOK_LOCK:
+        if not getattr(encoder, "_beamcap_hooked", False):
+            encoder.register_forward_pre_hook(_one_copy_per_image, with_kwargs=True)
+            encoder.register_forward_hook(_features_per_candidate)
+            encoder._beamcap_hooked = True
+    _GIT_CALL.candidates = settings["num_return_sequences"]
+    try:
+        return model.generate(**inputs, **settings)
+    finally:
+        _GIT_CALL.candidates = None
+        _GIT_CALL.deduplicated = False
+
+
+def _one_copy_per_image(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    n = getattr(_GIT_CALL, "candidates", None)
+    pixel_values = args[0] if args else kwargs.get("pixel_values")
+    _GIT_CALL.deduplicated = False
+    if not n or pixel_values is None or pixel_values.shape[0] % n:
+        return None
+    unique = pixel_values[::n]
+    if not torch.equal(unique.repeat_interleave(n, dim=0), pixel_values):
+        return None  # not generate's repeated copies: run as given
+    _GIT_CALL.deduplicated = True
+    if args:
+        return (unique, *args[1:]), kwargs
+    return args, {**kwargs, "pixel_values": unique}
+
+
+def _features_per_candidate(_module: Any, _args: tuple, output: Any) -> Any:
+    if not getattr(_GIT_CALL, "deduplicated", False):
+        return None
+    _GIT_CALL.deduplicated = False
+    n = _GIT_CALL.candidates
+    for key, value in output.items():
+        if isinstance(value, torch.Tensor):
+            output[key] = value.repeat_interleave(n, dim=0)
+    return output

@@ -47,7 +47,10 @@ def captioners(model_dirs, blip):
     return get
 
 
-@pytest.mark.parametrize("family", ["blip", "blip2_opt", "llava", "vision_encoder_decoder"])
+SHARED = ["blip", "blip2_opt", "git", "llava", "vision_encoder_decoder"]
+
+
+@pytest.mark.parametrize("family", SHARED)
 @pytest.mark.parametrize("prompt", [None, "a photo of"])
 def test_same_tokens_as_the_models_generate(captioners, family, prompt):
     captioner = captioners(family)
@@ -58,12 +61,14 @@ def test_same_tokens_as_the_models_generate(captioners, family, prompt):
     assert torch.equal(ours, theirs)
 
 
-def test_same_tokens_with_seeded_rows(blip):
-    inputs = blip.prepare(images(3), None)
+@pytest.mark.parametrize("family", SHARED)
+def test_same_tokens_with_seeded_rows(captioners, family):
+    captioner = captioners(family)
+    inputs = captioner.prepare(images(3), None)
     rows = list(range(100, 100 + 3 * SETTINGS["num_return_sequences"]))
-    ours, theirs = both(blip, inputs, seeded_settings(blip.model, SETTINGS, rows))
+    ours, theirs = both(captioner, inputs, seeded_settings(captioner.model, SETTINGS, rows))
     assert torch.equal(ours, theirs)
-    again, _ = both(blip, inputs, seeded_settings(blip.model, SETTINGS, rows))
+    again, _ = both(captioner, inputs, seeded_settings(captioner.model, SETTINGS, rows))
     assert torch.equal(ours, again)
 
 
@@ -109,7 +114,7 @@ def test_other_settings_run_the_models_generate(blip, settings):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("family", ["git", "blip2_t5", "florence2"])
+@pytest.mark.parametrize("family", ["blip2_t5", "florence2"])
 def test_other_models_run_their_own_generate(captioners, family):
     captioner = captioners(family)
     inputs = captioner.prepare(images(2), None)
@@ -134,6 +139,26 @@ def test_the_language_models_prompt_is_run_once_per_image(captioners):
     n = SETTINGS["num_return_sequences"]
     assert seen[0] == (2, width - 1)  # the prefix, once per image
     assert seen[1:] == [(2 * n, 1)] * SETTINGS["max_new_tokens"]  # then one token per step for every candidate
+
+
+def test_gits_image_encoder_runs_once_per_image(captioners):
+    """GIT's generate repeats pixel_values per candidate; beamcap's hooks run the encoder on one copy of each."""
+    captioner = captioners("git")
+    inputs = captioner.prepare(images(2), None)
+    seen: list[int] = []
+    encoder = captioner.model.git.image_encoder
+    handle = encoder.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            generate(captioner.model, dict(inputs), SETTINGS)
+            ours = list(seen)
+            seen.clear()
+            captioner.model.generate(**inputs, **SETTINGS)  # the hooks are inert outside beamcap's call
+            theirs = list(seen)
+    finally:
+        handle.remove()
+    assert ours == [2]
+    assert theirs == [2 * SETTINGS["num_return_sequences"]]
 
 
 def test_a_shared_path_that_no_longer_fits_falls_back_to_the_models_generate(captioners, monkeypatch, caplog):
