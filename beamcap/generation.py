@@ -4,10 +4,11 @@
 before the model reads its prompt, so work that depends only on the image and
 the prompt is done ``n`` times:
 
-- BLIP, and VisionEncoderDecoder models: the vision model runs once per
-  image, but the text decoder projects the image embeddings into every
-  layer's cross-attention keys and values once per candidate (about a
-  quarter of the time of a 16-token caption with BLIP-base on CPU);
+- models whose text decoder cross-attends to the image (BLIP,
+  VisionEncoderDecoder, Florence-2, BLIP-2 with T5): the encoder runs once per
+  image, but every decoder layer projects its output into cross-attention keys
+  and values once per candidate (about a quarter of the time of a 16-token
+  caption with BLIP-base on CPU);
 - BLIP-2 with a decoder-only language model (OPT), and LLaVA: the language
   model reads the image tokens and the prompt once per candidate;
 - GIT: ``generate`` repeats ``pixel_values`` for every candidate, so its image
@@ -18,9 +19,9 @@ cross-attention models, or the prompt minus its last token for the
 decoder-only ones, whose cache (repeated for the candidates) ``generate`` then
 continues from, as it does from any cache; for GIT, hooks on the image
 encoder. The tokens are the same as ``model.generate``'s: no random draw is
-added or moved, and the tests compare them token for token. Every other
-model, beam search, one candidate, and padded calls run ``model.generate``
-unchanged.
+added or moved, and the tests compare them token for token. Other model
+classes (subclasses included), beam search, one candidate, and padded calls
+run ``model.generate`` unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _shared_generate(model: Any):
     from transformers import (
         Blip2ForConditionalGeneration,
         BlipForConditionalGeneration,
+        Florence2ForConditionalGeneration,
         GitForCausalLM,
         LlavaForConditionalGeneration,
         VisionEncoderDecoderModel,
@@ -49,12 +51,12 @@ def _shared_generate(model: Any):
 
     if type(model) is BlipForConditionalGeneration:
         return _blip_generate
-    if type(model) is Blip2ForConditionalGeneration and not model.language_model.config.is_encoder_decoder:
+    if type(model) is Blip2ForConditionalGeneration:
         return _blip2_generate
     if type(model) is LlavaForConditionalGeneration:
         return _llava_generate
-    if type(model) is VisionEncoderDecoderModel:
-        return _vision_encoder_decoder_generate
+    if type(model) in (VisionEncoderDecoderModel, Florence2ForConditionalGeneration):
+        return _encoder_decoder_generate
     if type(model) is GitForCausalLM:
         return _git_generate
     return None
@@ -170,6 +172,8 @@ def _blip2_generate(
     image_mask = model.get_placeholder_mask(input_ids, embeds)
     embeds = embeds.masked_scatter(image_mask, features.to(embeds.device, embeds.dtype))
     lm = model.language_model
+    if lm.config.is_encoder_decoder:  # T5: the encoder reads the prefix once already; share the cross-attention
+        return _encoder_decoder_generate(lm, settings, inputs_embeds=embeds, attention_mask=attention_mask)
     cache = _prefill(lm, settings, inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1])
     return lm.generate(
         input_ids=input_ids,
@@ -213,35 +217,39 @@ def _prefill(model: Any, settings: dict[str, Any], **prefix: torch.Tensor) -> An
     return cache
 
 
-def _vision_encoder_decoder_generate(
-    model: Any, settings: dict[str, Any], pixel_values: torch.Tensor, decoder_input_ids: torch.Tensor | None = None
+def _encoder_decoder_generate(
+    model: Any, settings: dict[str, Any], decoder_input_ids: torch.Tensor | None = None, **encoder_inputs: torch.Tensor
 ) -> torch.Tensor:
-    """A VisionEncoderDecoder's generate, with the cross-attention keys and values computed once per image.
+    """An encoder-decoder's generate, with the cross-attention keys and values computed once per image.
 
-    ``generate`` runs the encoder once per image already (and is handed its output here); the decoder's
-    cross-attention projections are what it would repeat per candidate.
+    One forward pass with a single decoder token runs the encoder and fills every decoder layer's
+    cross-attention cache; ``generate`` is then handed the encoder's output (so it does not run the encoder
+    again) and that cache, repeated for the candidates. The decoder token's self-attention is dropped.
     """
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
 
-    encoder_outputs = model.get_encoder()(pixel_values=pixel_values, return_dict=True)
-    if decoder_input_ids is None:
+    rows = next(iter(encoder_inputs.values())).shape[0]
+    device = next(iter(encoder_inputs.values())).device
+    if decoder_input_ids is None:  # the token only fills the cache, so any valid id does; use the start token
         start = model.generation_config.decoder_start_token_id
-        start = model.config.decoder_start_token_id if start is None else start
-        first_token = torch.full((pixel_values.shape[0], 1), start, dtype=torch.long, device=pixel_values.device)
+        start = model.config.get_text_config(decoder=True).decoder_start_token_id if start is None else start
+        first_token = torch.full((rows, 1), start or 0, dtype=torch.long, device=device)
     else:
         first_token = decoder_input_ids[:, :1]
-    config = model.config.decoder
+    config = model.config.get_text_config(decoder=True)
+    name = _cache_kwarg(model)
     first = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-    model(
-        encoder_outputs=encoder_outputs, decoder_input_ids=first_token, use_cache=True, **{_cache_kwarg(model): first}
-    )
+    out = model(**encoder_inputs, decoder_input_ids=first_token, use_cache=True, **{name: first})
     cross = first.cross_attention_cache
     cross.batch_repeat_interleave(settings["num_return_sequences"])
-    prompt = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
+    kept = {k: v for k, v in encoder_inputs.items() if k in ("input_ids", "attention_mask")}
+    if decoder_input_ids is not None:
+        kept["decoder_input_ids"] = decoder_input_ids
     return model.generate(
-        encoder_outputs=encoder_outputs,
-        **prompt,
-        **{_cache_kwarg(model): EncoderDecoderCache(DynamicCache(config=config), cross)},
+        **kept,
+        encoder_outputs=BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state),
+        **{name: EncoderDecoderCache(DynamicCache(config=config), cross)},
         **settings,
     )
 
