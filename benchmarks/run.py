@@ -3,6 +3,7 @@
     python -m benchmarks.run --quick          # the demo model: a few minutes on 2 cores
     python -m benchmarks.run                  # a BLIP with real (base) dimensions, random weights: slow on CPU
     python -m benchmarks.run --chat           # a tiny chat model (LLaVA, random weights): the chat input path
+    python -m benchmarks.run --chat-base      # a LLaVA with 576 image tokens per image: slow on CPU
     python -m benchmarks.run --smoke          # seconds; used by the tests to keep this from rotting
 
 Every method uses the same loaded model, the same 640x480 JPEGs and the same
@@ -101,6 +102,26 @@ def build_blip_base(folder: str) -> str:
     model.save_pretrained(folder)
     BlipProcessor(BlipImageProcessor(size={"height": 384, "width": 384}), tok).save_pretrained(folder)
     return folder
+
+
+def build_llava_base(folder: str) -> str:
+    """A LLaVA that reads 576 image tokens per image, as LLaVA-1.5 does (CLIP at 336 px, patch 14), with a
+    6-layer ViT-B-wide vision tower and a 6-layer Llama of width 768: small enough for a CPU, while the
+    language model's prompt is as long as a real one's. Random weights."""
+    from beamcap.testing.models import build_llava
+
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12)
+    text = dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=1024,
+    )
+    return build_llava(folder, image_size=336, patch_size=14, vision=vision, text=text)
 
 
 class CaptionHandler(ModelHandler):
@@ -381,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the demo model")
     mode.add_argument("--chat", action="store_true", help="a tiny chat model (LLaVA: CLIP + Llama, random weights)")
+    mode.add_argument(
+        "--chat-base",
+        action="store_true",
+        help="a chat model (LLaVA) with LLaVA-1.5's 576 image tokens and a small Llama, random weights (slow on CPU)",
+    )
     mode.add_argument("--smoke", action="store_true", help="tiny: a few seconds")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long", action="store_true", help="BLIP-base mode: also 128 new tokens (slow on CPU)")
@@ -411,6 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         extra = {"min_new_tokens": 0}
         cases = [Case(1, 8, 16), Case(4, 8, 16)]
         n = args.images or 32
+    elif args.chat_base:
+        model, extra = build_llava_base(os.path.join(args.cache, "llava-576-random")), {"min_new_tokens": 0}
+        cases = [Case(1, 8, 16), Case(4, 8, 16)]
+        n = args.images or 8
     elif args.smoke or args.quick:
         model, extra = demo_model_path(), {}
         cases = [Case(1, 4, 4), Case(2, 4, 4)] if args.smoke else [
@@ -427,7 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(image_dir, exist_ok=True)
     bench = Bench(model, make_images(image_dir, n), extra, args.dtype, args.reference_dtype)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    label = "smoke" if args.smoke else "quick" if args.quick else "chat (tiny LLaVA)" if args.chat else "BLIP-base"
+    label = (
+        "smoke" if args.smoke else "quick" if args.quick else "chat (tiny LLaVA)" if args.chat
+        else "chat (LLaVA, 576 image tokens)" if args.chat_base else "BLIP-base"
+    )  # fmt: skip
     print(
         f"# beamcap benchmark: {label}, {n} images "
         f"640x480, {repeats} repeats, {device}, torch {torch.__version__}, Python {platform.python_version()}"
@@ -466,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for case, (m, lo, hi), (pm, plo, phi) in shares:
         print(f"- {case.label()}: input share {m:.1%} ({lo:.1%}-{hi:.1%}); prefetch {pm:.2f}x ({plo:.2f}-{phi:.2f})")
-    if args.prompts and not args.chat:
+    if args.prompts and not (args.chat or args.chat_base):
         report_prompts(bench, [c for c in cases if c.samples_per_call is None and c.batch > 1], repeats, n)
     if torch.cuda.is_available():
         report_gpu_busy(bench, cases)

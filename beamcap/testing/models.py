@@ -218,37 +218,48 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_llava(path: str) -> str:
-    """A chat model: CLIP vision + Llama, byte-level tokenizer with <image>, a hand-written chat template."""
+def build_llava(
+    path: str, image_size: int = IMAGE_SIZE, patch_size: int = 8, vision: dict | None = None, text: dict | None = None
+) -> str:
+    """A chat model: CLIP vision + Llama, byte-level tokenizer with <image>, a hand-written chat template.
+
+    Tiny by default; ``image_size``, ``patch_size`` and the ``vision`` / ``text`` config overrides let the
+    benchmark build one with a real image-token count (576 at 336 px and patch 14, as LLaVA-1.5).
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tok = gpt2_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<|user|>", "<|assistant|>"]})
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
-        patch_size=8,
+        patch_size=patch_size,
         num_additional_image_tokens=1,
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
     )
     image_token = tok.convert_tokens_to_ids("<image>")
+    text_config = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_VISION, projection_dim=32),
+        vision_config=CLIPVisionConfig(
+            **{**_VISION, "image_size": image_size, "patch_size": patch_size, **(vision or {})}, projection_dim=32
+        ),
         text_config=LlamaConfig(
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
             bos_token_id=tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
+            **{**text_config, **(text or {})},
         ),
         image_token_index=image_token,
         vision_feature_select_strategy="default",
