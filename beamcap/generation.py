@@ -67,28 +67,55 @@ def shares_image_pass(model: Any, inputs: dict[str, torch.Tensor], settings: dic
     return (
         _shared_generate(model) is not None
         and settings.get("num_return_sequences", 1) > 1
-        and settings.get("num_beams", 1) == 1
-        and settings.get("use_cache", True)
+        and _plain_sampling(model, settings)
         and set(inputs) <= _SHARED_INPUTS
         and bool(inputs.get("attention_mask", torch.ones(1)).all())  # no padding: rows share one prompt
     )
 
 
+_PLAIN_SAMPLING = {  # generation settings under which generate samples one beam with a dynamic cache
+    "do_sample": True, "num_beams": 1, "use_cache": True, "cache_implementation": None, "penalty_alpha": None,
+    "prompt_lookup_num_tokens": None, "assistant_model": None,
+}  # fmt: skip
+_UNSET_MEANS = {"num_beams": 1, "use_cache": True}
+
+
+def _plain_sampling(model: Any, settings: dict[str, Any]) -> bool:
+    """Whether ``generate`` will sample one beam per candidate with a dynamic cache: the only mode the shared
+    path hands a cache to. A setting missing from ``settings`` must be plain in every generation config that may
+    apply: the model's and that of the text model whose ``generate`` it calls (a checkpoint may set
+    ``num_beams=3`` there)."""
+    configs = [model.generation_config]
+    for name in ("text_decoder", "language_model"):
+        config = getattr(getattr(model, name, None), "generation_config", None)
+        if config is not None:
+            configs.append(config)
+    for key, wanted in _PLAIN_SAMPLING.items():
+        values = [settings[key]] if key in settings else [getattr(config, key, None) for config in configs]
+        if any((_UNSET_MEANS.get(key) if value is None else value) != wanted for value in values):
+            return False
+    return True
+
+
 def generate(model: Any, inputs: dict[str, torch.Tensor], settings: dict[str, Any]) -> torch.Tensor:
     """``model.generate(**inputs, **settings)``: the same tokens, with less repeated work where supported.
 
-    Should the shared path not fit this transformers version (a ``TypeError`` or ``AttributeError`` from the
-    model's internals), the call is run by ``model.generate`` and, if that succeeds, the model keeps to
-    ``model.generate`` from then on, with a warning.
+    Should the shared path fail (say, a transformers version whose internals it does not fit), the call is run
+    again by ``model.generate``; if that succeeds, the model keeps to ``model.generate`` from then on, with a
+    warning, and if it fails too, its error is raised. Out-of-memory errors are raised at once.
     """
     if shares_image_pass(model, inputs, settings) and not getattr(model, _OPT_OUT, False):
         try:
             return _shared_generate(model)(model, settings, **inputs)
-        except (TypeError, AttributeError) as error:
-            sequences = model.generate(**inputs, **settings)
+        except (TypeError, AttributeError, ValueError, RuntimeError) as error:
+            from beamcap.model import is_out_of_memory
+
+            if is_out_of_memory(error):
+                raise  # the caller halves the batch
+            sequences = model.generate(**inputs, **settings)  # its own error, if it fails too
             setattr(model, _OPT_OUT, True)
             _LOGGER.warning(
-                "beamcap's shared image pass does not fit %s in this transformers version (%s: %s); "
+                "beamcap's shared image pass failed on %s (%s: %s), where the model's own generate works; "
                 "using the model's own generate from now on (the same captions, more work per candidate).",
                 type(model).__name__,
                 type(error).__name__,

@@ -116,6 +116,33 @@ def test_other_settings_run_the_models_generate(blip, settings):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(SETTINGS, cache_implementation="static"),
+        dict(SETTINGS, penalty_alpha=0.6, top_k=4),
+        dict(SETTINGS, prompt_lookup_num_tokens=3),
+        {k: v for k, v in SETTINGS.items() if k != "do_sample"},
+    ],
+    ids=["static-cache", "contrastive", "prompt-lookup", "sampling-unset"],
+)
+def test_other_decoding_modes_are_left_to_the_models_generate(blip, settings):
+    assert not shares_image_pass(blip.model, blip.prepare(images(2), None), settings)
+
+
+def test_beams_set_by_the_checkpoints_generation_config_run_the_models_generate(blip):
+    """A checkpoint whose text decoder's generation config asks for beams gets them, as with model.generate."""
+    config = blip.model.text_decoder.generation_config
+    config.num_beams = 3
+    try:
+        inputs = blip.prepare(images(2), None)
+        assert not shares_image_pass(blip.model, inputs, SETTINGS)
+        ours, theirs = both(blip, inputs, SETTINGS)
+        assert torch.equal(ours, theirs)
+    finally:
+        config.num_beams = 1
+
+
 def test_a_subclass_runs_its_own_generate(blip_dir):
     """A model class beamcap has not checked (say, remote code subclassing BLIP) keeps its own generate."""
     from transformers import BlipForConditionalGeneration
@@ -178,7 +205,20 @@ def test_a_shared_path_that_no_longer_fits_falls_back_to_the_models_generate(cap
     try:
         ours, theirs = both(captioner, inputs, SETTINGS)
         assert torch.equal(ours, theirs)
-        assert "does not fit Blip2ForConditionalGeneration" in caplog.text
+        assert "shared image pass failed on Blip2ForConditionalGeneration" in caplog.text
         assert getattr(model, generation._OPT_OUT)
     finally:
         model.__dict__.pop(generation._OPT_OUT, None)  # the model is shared by this module's tests
+
+
+def test_out_of_memory_in_the_shared_path_is_raised_for_the_caller_to_halve(captioners, monkeypatch):
+    captioner = captioners("blip2_opt")
+    model = captioner.model
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model, "get_image_features", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), torch.inference_mode():
+        generate(model, dict(captioner.prepare(images(2), None)), SETTINGS)
+    assert not getattr(model, generation._OPT_OUT, False)  # the shared path stays on
