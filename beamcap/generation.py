@@ -138,9 +138,6 @@ def _blip_generate(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``BlipForConditionalGeneration.generate``, with the cross-attention keys and values computed per image."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    n = settings["num_return_sequences"]
     text_config = model.config.text_config
     image_embeds = model.vision_model(pixel_values=pixel_values)[0]
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
@@ -154,19 +151,15 @@ def _blip_generate(
         attention_mask = attention_mask[:, :-1]
 
     decoder = model.text_decoder
-    name = _cache_kwarg(decoder)
-    # One decoder step on the images alone fills every layer's cross-attention cache; its self-attention
-    # part is dropped, so generate starts from the prompt as model.generate would.
-    first = EncoderDecoderCache(DynamicCache(config=decoder.config), DynamicCache(config=decoder.config))
-    decoder(
+    # One decoder step on the images alone fills every layer's cross-attention cache (its self-attention part is
+    # dropped, so generate starts from the prompt as model.generate would).
+    _, cache = _cross_attention_cache(
+        decoder,
+        settings,
         input_ids=input_ids[:, :1],
         encoder_hidden_states=image_embeds,
         encoder_attention_mask=image_mask,
-        use_cache=True,
-        **{name: first},
     )
-    cross = first.cross_attention_cache
-    cross.batch_repeat_interleave(n)  # candidates of an image are adjacent rows, as generate expands them
     return decoder.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -174,7 +167,7 @@ def _blip_generate(
         pad_token_id=text_config.pad_token_id,
         encoder_hidden_states=image_embeds,
         encoder_attention_mask=image_mask,
-        **{name: EncoderDecoderCache(DynamicCache(config=decoder.config), cross)},
+        **cache,
         **settings,
     )
 
@@ -201,13 +194,9 @@ def _blip2_generate(
     lm = model.language_model
     if lm.config.is_encoder_decoder:  # T5: the encoder reads the prefix once already; share the cross-attention
         return _encoder_decoder_generate(lm, settings, inputs_embeds=embeds, attention_mask=attention_mask)
-    cache = _prefill(lm, settings, inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1])
-    return lm.generate(
-        input_ids=input_ids,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        **{_cache_kwarg(lm): cache},
-        **settings,
+    prefix = {"inputs_embeds": embeds[:, :-1], "attention_mask": attention_mask[:, :-1]}
+    return _generate_from_prefix(
+        lm, settings, prefix, input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask
     )
 
 
@@ -221,27 +210,42 @@ def _llava_generate(
     """LLaVA's generate, with the image tokens and the prompt run once per image (the cache holds the image)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    cache = _prefill(
-        model, settings, input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], pixel_values=pixel_values
-    )
-    return model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, **{_cache_kwarg(model): cache}, **settings
-    )
+    prefix = {"input_ids": input_ids[:, :-1], "attention_mask": attention_mask[:, :-1], "pixel_values": pixel_values}
+    return _generate_from_prefix(model, settings, prefix, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def _prefill(model: Any, settings: dict[str, Any], **prefix: torch.Tensor) -> Any:
-    """The cache of a decoder-only model after ``prefix`` (all of the prompt but its last token), one row per image,
-    repeated for the candidates.
+def _generate_from_prefix(
+    model: Any, settings: dict[str, Any], prefix: dict[str, torch.Tensor], **whole: torch.Tensor
+) -> torch.Tensor:
+    """A decoder-only model's generate on the ``whole`` prompt, its ``prefix`` (all of it but the last token, with
+    the images) run once per image, not once per candidate.
 
-    ``generate`` given this cache and the whole prompt runs only the last prompt token, as when it continues from a
-    cache, so its first draw sees the logits it would have computed from the whole prompt.
+    The prefix's cache, repeated for the candidates, is handed to ``generate``, which then runs only the last
+    prompt token, as when it continues from any cache: its first draw sees the logits it would have computed
+    from the whole prompt.
     """
     from transformers.cache_utils import DynamicCache
 
+    name = _cache_kwarg(model)
     cache = DynamicCache(config=model.config.get_text_config())
-    model(**prefix, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+    model(**prefix, use_cache=True, logits_to_keep=1, **{name: cache})
     cache.batch_repeat_interleave(settings["num_return_sequences"])
-    return cache
+    return model.generate(**whole, **{name: cache}, **settings)
+
+
+def _cross_attention_cache(module: Any, settings: dict[str, Any], **one_step: torch.Tensor) -> tuple[Any, dict]:
+    """Run ``module`` for one decoder token per image; return its output, and the keyword argument that hands
+    ``generate`` every decoder layer's cross-attention cache from that step, repeated for the candidates (the
+    step's self-attention is dropped)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    config = module.config.get_text_config(decoder=True)
+    name = _cache_kwarg(module)
+    first = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    out = module(**one_step, use_cache=True, **{name: first})
+    cross = first.cross_attention_cache
+    cross.batch_repeat_interleave(settings["num_return_sequences"])  # an image's candidates are adjacent rows
+    return out, {name: EncoderDecoderCache(DynamicCache(config=config), cross)}
 
 
 def _encoder_decoder_generate(
@@ -253,31 +257,21 @@ def _encoder_decoder_generate(
     cross-attention cache; ``generate`` is then handed the encoder's output (so it does not run the encoder
     again) and that cache, repeated for the candidates. The decoder token's self-attention is dropped.
     """
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     from transformers.modeling_outputs import BaseModelOutput
 
-    rows = next(iter(encoder_inputs.values())).shape[0]
-    device = next(iter(encoder_inputs.values())).device
     if decoder_input_ids is None:  # the token only fills the cache, so any valid id does; use the start token
         start = model.generation_config.decoder_start_token_id
         start = model.config.get_text_config(decoder=True).decoder_start_token_id if start is None else start
-        first_token = torch.full((rows, 1), start or 0, dtype=torch.long, device=device)
+        some_input = next(iter(encoder_inputs.values()))
+        first_token = torch.full((some_input.shape[0], 1), start or 0, dtype=torch.long, device=some_input.device)
     else:
         first_token = decoder_input_ids[:, :1]
-    config = model.config.get_text_config(decoder=True)
-    name = _cache_kwarg(model)
-    first = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-    out = model(**encoder_inputs, decoder_input_ids=first_token, use_cache=True, **{name: first})
-    cross = first.cross_attention_cache
-    cross.batch_repeat_interleave(settings["num_return_sequences"])
+    out, cache = _cross_attention_cache(model, settings, **encoder_inputs, decoder_input_ids=first_token)
     kept = {k: v for k, v in encoder_inputs.items() if k in ("input_ids", "attention_mask")}
     if decoder_input_ids is not None:
         kept["decoder_input_ids"] = decoder_input_ids
     return model.generate(
-        **kept,
-        encoder_outputs=BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state),
-        **{name: EncoderDecoderCache(DynamicCache(config=config), cross)},
-        **settings,
+        **kept, encoder_outputs=BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state), **cache, **settings
     )
 
 
