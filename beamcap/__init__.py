@@ -2,9 +2,10 @@
 
 from beamcap.config import CaptionConfig
 from beamcap.demo import demo_model_path
-from beamcap.dofn import METRICS_NAMESPACE, SampleError
 from beamcap.images import ImageLoadError
+from beamcap.metrics import METRICS_NAMESPACE
 from beamcap.retention import KeepMode, simhash_fingerprint
+from beamcap.samples import SampleError
 from beamcap.transform import CaptionImages, CaptionResult, UnsupportedRunnerError
 
 __version__ = "0.1.0"

@@ -1,21 +1,33 @@
 """The transform's configuration: the reference operator's parameters plus beamcap's extras.
 
-One frozen dataclass, validated when it is built (on the launcher), with
-errors that name the parameter and what to change. Nothing here touches
-torch, a model or a device.
+Every parameter is declared once, here, as a field of :class:`CaptionConfig`
+made by :func:`param`: its type, default, one line of help, its valid values
+and its check. Everything else is derived from that declaration: the job's
+command-line flags (``pipelines/options.py``), the parameter table in
+README.md (:func:`markdown_table`, kept equal by a test), and the
+``CaptionImages`` docstring. A test proves the transform's signature equals
+the fields.
+
+The config is frozen and validated when it is built (on the launcher), with
+errors that name the parameter and what to change. Nothing here touches torch,
+a model or a device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN, SpecialTokens
 from beamcap.images import DEFAULT_MAX_IMAGE_PIXELS
-from beamcap.retention import KeepMode, generated_per_sample
+from beamcap.retention import KeepMode
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -26,30 +38,93 @@ _DEVICE_RE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 _RESERVED_GENERATE_KEYS = frozenset(
     {"num_return_sequences", "pixel_values", "input_ids", "attention_mask", "inputs", "generation_config"}
 )
+# Parameters that existed once and were removed, with why (an old call fails with this, not as a generate kwarg).
+_REMOVED = {
+    "prefetch_images": "prefetch_images was removed: reading images is under 1% of the time on the models measured "
+    "(0.94-1.05x with it on); drop the argument",
+}
 
 
-def _check_type(name: str, value: Any, types: type | tuple[type, ...], what: str) -> None:
-    # bool is an int in Python; refuse it where a count is meant.
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ValueError(f"{name} must be {what}, got the bool {value!r}")
-    if not isinstance(value, types):
-        raise ValueError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+# --- checks: each raises ValueError naming the parameter and what is valid --------------------------------------
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    _check_type(name, value, int, "a positive int")
+def _type_error(name: str, value: Any, what: str) -> ValueError:
+    got = f"the bool {value!r}" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
+    return ValueError(f"{name} must be {what}, got {got}")
+
+
+def is_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _type_error(name, value, "a bool")
+
+
+def is_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int in Python; refuse it as a count
+        raise _type_error(name, value, "a positive int")
     if value < 1:
         raise ValueError(f"{name} must be a positive int (>= 1), got {value!r}")
 
 
-def _dtype_name(value: Any) -> str | None:
-    """Accept a torch.dtype or its name without importing torch here."""
-    if value is None:
-        return None
-    name = str(value).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"torch_dtype must be None or one of {list(DTYPES)} (or the torch.dtype), got {value!r}")
-    return name
+def is_positive_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+
+
+def is_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(name, value, "an int")
+
+
+def is_str(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise _type_error(name, value, "a str")
+
+
+def is_non_empty_str(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty str, got {value!r}")
+
+
+def is_model(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise _type_error(name, value, "a model id or a local folder path (str)")
+    if not value:
+        raise ValueError(f"{name} must not be empty: give a hub model id, a save_pretrained folder or 'beamcap-demo'")
+
+
+def is_device(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not _DEVICE_RE.match(value):
+        raise ValueError(f"{name} must be None (auto), 'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps', got {value!r}")
+
+
+def is_dict(name: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise _type_error(name, value, "a dict of generate() arguments")
+
+
+def is_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def param(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002 - argparse's word
+    *,
+    check: Callable[[str, Any], None] | None = None,
+    choices: tuple[str, ...] | None = None,
+    resolves: str | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """Declare one parameter: its default, its help line, its check and, where it has them, its valid values.
+
+    ``check`` runs on every value but ``None`` (``None`` is valid wherever the default is ``None``).
+    ``resolves`` says what a ``None`` default turns into on the worker (shown in ``--help`` and README.md).
+    """
+    metadata = {"help": help, "check": check, "choices": choices, "resolves": resolves}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -57,109 +132,156 @@ class CaptionConfig:
     """Everything :class:`beamcap.CaptionImages` needs, validated.
 
     The first eight fields are Data-Juicer's ``image_captioning_mapper``
-    parameters, with its names, order and defaults. See README.md for each.
+    parameters, with its names, order and defaults; the rest are keyword-only
+    in the transform. ``docs/behaviour.md`` says what each one does.
     """
 
-    hf_img2seq: str = DEFAULT_MODEL
-    trust_remote_code: bool = False
-    caption_num: int = 1
-    keep_candidate_mode: KeepMode = KeepMode.RANDOM_ANY
-    keep_original_sample: bool = True
-    prompt: str | None = None
-    prompt_key: str | None = None
-    gpu_batch_size: int = 8
-    # keyword-only extras
-    text_key: str = "text"
-    image_key: str = "images"
-    image_token: str = DEFAULT_IMAGE_TOKEN
-    eoc_token: str = DEFAULT_EOC_TOKEN
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    seed: int | None = None
-    device: str | None = None
-    torch_dtype: str | None = None
-    image_root: str | None = None
-    image_base_dir: str | None = None
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    max_input_pixels: int | None = None
-    min_batch_size: int = 1
-    max_batch_size: int | None = None
-    large_model: bool = False
-    model_copies: int | None = None
-    max_batch_duration_secs: float | None = None
-    streaming_shards: int = 1
-    prefetch_images: bool = False
-    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The reference operator's parameters, in its order.
+    hf_img2seq: str = param(
+        DEFAULT_MODEL,
+        "hub id, a save_pretrained folder (local or on a Beam filesystem), or 'beamcap-demo' (the bundled demo model). "
+        "The default is the reference's BLIP-2 with OPT-2.7b, a 15 GB download; "
+        "Salesforce/blip-image-captioning-base (1 GB) is a smaller choice",
+        check=is_model,
+    )
+    trust_remote_code: bool = param(
+        False, "passed to every from_pretrained (model, processor, tokenizer)", check=is_bool
+    )
+    caption_num: int = param(1, "candidates generated per image", check=is_positive_int)
+    keep_candidate_mode: KeepMode = param(
+        KeepMode.RANDOM_ANY,
+        "which candidates become generated samples: one at random, the one whose SimHash is closest to the chunk's "
+        "text, or all of them (caption_num generated samples)",
+        choices=tuple(m.value for m in KeepMode),
+    )
+    keep_original_sample: bool = param(True, "also emit each input sample", check=is_bool)
+    prompt: str | None = param(None, "one prompt for every image", check=is_str)
+    prompt_key: str | None = param(
+        None, "field holding a per-sample prompt; used when it holds a str, else prompt is used", check=is_str
+    )
+    gpu_batch_size: int = param(8, "most images in one generate call", check=is_positive_int)
+    # Keyword-only extras.
+    text_key: str = param("text", "the sample's text field", check=is_non_empty_str)
+    image_key: str = param("images", "the sample's field with the list of image references", check=is_non_empty_str)
+    image_token: str = param(DEFAULT_IMAGE_TOKEN, "the dataset's image token", check=is_non_empty_str)
+    eoc_token: str = param(DEFAULT_EOC_TOKEN, "the dataset's end-of-chunk token", check=is_non_empty_str)
+    max_new_tokens: int = param(128, "most tokens generated per caption (the reference's 128)", check=is_positive_int)
+    do_sample: bool = param(
+        True,
+        "sample captions (the reference's True); false: greedy, or beam search with num_beams=caption_num "
+        "when caption_num > 1",
+        check=is_bool,
+    )
+    seed: int | None = param(
+        None,
+        "makes captions and random_any choices a function of (seed, sample): the same on retries and under any "
+        "batching",
+        check=is_int,
+    )
+    device: str | None = param(
+        None,
+        "'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps'",
+        check=is_device,
+        resolves="cuda when a GPU is visible on the worker, else cpu",
+    )
+    torch_dtype: str | None = param(
+        None,
+        "the weights' dtype",
+        choices=DTYPES,
+        resolves="float32 on CPU; bfloat16 on CUDA (float16 where bf16 is unsupported)",
+    )
+    image_root: str | None = param(
+        None,
+        "relative image paths resolve under this folder, and nothing outside it is read (.., other absolute paths, "
+        "symlinks out, URLs)",
+        check=is_str,
+    )
+    image_base_dir: str | None = param(
+        None,
+        "relative image paths resolve against it (a local folder or any Beam filesystem); nothing is refused",
+        check=is_str,
+    )
+    max_image_pixels: int = param(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "images declaring more pixels are refused before decoding (default: Pillow's limit)",
+        check=is_positive_int,
+    )
+    max_input_pixels: int | None = param(
+        None,
+        "larger images are downscaled (aspect kept) before the processor: bounds the cost of models whose input "
+        "grows with resolution",
+        check=is_positive_int,
+    )
+    min_batch_size: int = param(1, "least images BatchElements gathers before captioning", check=is_positive_int)
+    max_batch_size: int | None = param(
+        None,
+        "most images BatchElements gathers; each gathered batch is cut into generate calls of one prompt and at most "
+        "gpu_batch_size images",
+        check=is_positive_int,
+        resolves="gpu_batch_size",
+    )
+    large_model: bool = param(
+        False,
+        "one model per machine, shared by every SDK worker process (as RunInference's large_model)",
+        check=is_bool,
+    )
+    model_copies: int | None = param(
+        None,
+        "N models per machine, shared by the worker processes, used in turn batch by batch (implies large_model)",
+        check=is_positive_int,
+    )
+    max_batch_duration_secs: float | None = param(
+        None,
+        "streaming only: the longest a sample waits for its batch to fill",
+        check=is_positive_seconds,
+    )
+    streaming_shards: int = param(
+        1,
+        "streaming only, with max_batch_duration_secs: keys the waiting samples are spread over (about one per worker)",
+        check=is_positive_int,
+    )
+    shared_image_pass: bool = param(
+        True,
+        "compute each image's share of the work once for all its candidates (the same tokens as generate; only on the "
+        "tested transformers versions); false: plain generate",
+        check=is_bool,
+    )
+    generate_kwargs: dict[str, Any] = param(
+        help="more generate arguments (num_beams, top_p, repetition_penalty, ...)", check=is_dict, factory=dict
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise values in place once
         for name in ("hf_img2seq", "image_root", "image_base_dir"):  # pathlib paths are accepted
             if hasattr(getattr(self, name), "__fspath__"):
                 set_(self, name, os.fspath(getattr(self, name)))
-        _check_type("hf_img2seq", self.hf_img2seq, str, "a model id or a local folder path (str)")
-        if not self.hf_img2seq:
-            raise ValueError(
-                "hf_img2seq must not be empty: give a hub model id, a save_pretrained folder or 'beamcap-demo'"
-            )
-        _check_type("trust_remote_code", self.trust_remote_code, bool, "a bool")
-        _check_positive_int("caption_num", self.caption_num)
-        valid_modes = [m.value for m in KeepMode]
-        try:
-            set_(self, "keep_candidate_mode", KeepMode(self.keep_candidate_mode))
-        except ValueError:
-            raise ValueError(
-                f"keep_candidate_mode must be one of {valid_modes}, got {self.keep_candidate_mode!r}"
-            ) from None
-        _check_type("keep_original_sample", self.keep_original_sample, bool, "a bool")
-        _check_type("prompt", self.prompt, (str, type(None)), "a str or None")
-        _check_type("prompt_key", self.prompt_key, (str, type(None)), "a str (a field name) or None")
-        _check_positive_int("gpu_batch_size", self.gpu_batch_size)
-        for name in ("text_key", "image_key", "image_token", "eoc_token"):
-            _check_type(name, getattr(self, name), str, "a non-empty str")
-            if not getattr(self, name):
-                raise ValueError(f"{name} must be a non-empty str")
+        set_(self, "keep_candidate_mode", _keep_mode(self.keep_candidate_mode))
+        set_(self, "torch_dtype", _dtype_name(self.torch_dtype))
+        for spec in dataclasses.fields(self):
+            value, check = getattr(self, spec.name), spec.metadata["check"]
+            if check is not None and value is not None:
+                check(spec.name, value)
+            elif value is None and spec.default is not None:
+                raise ValueError(f"{spec.name} must not be None")
+        set_(self, "generate_kwargs", dict(self.generate_kwargs))
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Checks that involve more than one parameter."""
         if self.image_token == self.eoc_token:
             raise ValueError("image_token and eoc_token must differ")
-        _check_positive_int("max_new_tokens", self.max_new_tokens)
-        _check_type("do_sample", self.do_sample, bool, "a bool")
-        _check_type("seed", self.seed, (int, type(None)), "an int or None")
-        _check_type("device", self.device, (str, type(None)), "None (auto), 'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps'")
-        if self.device is not None and not _DEVICE_RE.match(self.device):
+        if self.max_batch_size is not None and self.max_batch_size < self.min_batch_size:
             raise ValueError(
-                f"device must be None (auto), 'cpu', 'cuda', 'cuda:N', 'xpu' or 'mps', got {self.device!r}"
+                f"max_batch_size ({self.max_batch_size}) must be >= min_batch_size ({self.min_batch_size})"
             )
-        set_(self, "torch_dtype", _dtype_name(self.torch_dtype))
-        _check_type("image_root", self.image_root, (str, type(None)), "a folder path (str) or None")
-        _check_type("image_base_dir", self.image_base_dir, (str, type(None)), "a folder path (str) or None")
-        _check_positive_int("max_image_pixels", self.max_image_pixels)
-        if self.max_input_pixels is not None:
-            _check_positive_int("max_input_pixels", self.max_input_pixels)
-        _check_positive_int("min_batch_size", self.min_batch_size)
-        if self.max_batch_size is not None:
-            _check_positive_int("max_batch_size", self.max_batch_size)
-            if self.max_batch_size < self.min_batch_size:
-                raise ValueError(
-                    f"max_batch_size ({self.max_batch_size}) must be >= min_batch_size ({self.min_batch_size})"
-                )
-        elif self.min_batch_size > self.gpu_batch_size:
+        if self.max_batch_size is None and self.min_batch_size > self.gpu_batch_size:
             raise ValueError(
                 f"min_batch_size ({self.min_batch_size}) must be <= the batch bound (gpu_batch_size "
                 f"{self.gpu_batch_size}); raise max_batch_size too"
             )
-        _check_type("large_model", self.large_model, bool, "a bool")
-        if self.model_copies is not None:
-            _check_positive_int("model_copies", self.model_copies)
-        if self.max_batch_duration_secs is not None:
-            duration = self.max_batch_duration_secs
-            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < float("inf"):
-                raise ValueError(
-                    f"max_batch_duration_secs must be a number of seconds > 0 (or None: no time bound), "
-                    f"got {duration!r}"
-                )
-        _check_positive_int("streaming_shards", self.streaming_shards)
-        _check_type("prefetch_images", self.prefetch_images, bool, "a bool")
-        _check_type("generate_kwargs", self.generate_kwargs, dict, "a dict of generate() arguments")
-        set_(self, "generate_kwargs", dict(self.generate_kwargs))
+        removed = sorted(_REMOVED.keys() & self.generate_kwargs.keys())
+        if removed:
+            raise ValueError(_REMOVED[removed[0]])
         reserved = sorted(_RESERVED_GENERATE_KEYS & self.generate_kwargs.keys())
         if reserved:
             raise ValueError(
@@ -190,12 +312,8 @@ class CaptionConfig:
         return SpecialTokens(image=self.image_token, eoc=self.eoc_token)
 
     @property
-    def generated_per_sample(self) -> int:
-        return generated_per_sample(self.keep_candidate_mode, self.caption_num)
-
-    @property
     def batch_bounds(self) -> tuple[int, int]:
-        """(min, max) batch weight for BatchElements, in images."""
+        """(min, max) images BatchElements gathers."""
         return self.min_batch_size, self.max_batch_size or self.gpu_batch_size
 
     def generation_settings(self) -> dict[str, Any]:
@@ -208,10 +326,126 @@ class CaptionConfig:
         return settings
 
     def prompt_for(self, sample: dict) -> str | None:
-        """The prompt of every image of ``sample`` (SPEC: prompt_key's field when a str, else prompt)."""
+        """The prompt of every image of ``sample``: prompt_key's field when it is a str, else prompt."""
         if self.prompt_key is not None:
             value = sample.get(self.prompt_key)
             if isinstance(value, str):
                 return value
         # As the reference: an empty global prompt means no prompt.
         return self.prompt or None
+
+
+def _keep_mode(value: Any) -> KeepMode:
+    try:
+        return KeepMode(value)
+    except ValueError:
+        raise ValueError(f"keep_candidate_mode must be one of {[m.value for m in KeepMode]}, got {value!r}") from None
+
+
+def _dtype_name(value: Any) -> str | None:
+    """Accept a torch.dtype or its name without importing torch here."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"torch_dtype must be None or one of {list(DTYPES)} (or the torch.dtype), got {value!r}")
+    return name
+
+
+# --- what the declarations give the rest of the project ----------------------------------------------------------
+
+REFERENCE_PARAMETERS = 8
+"""The first eight fields are the reference operator's (positional in the transform); the rest are keyword-only."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One declared parameter, as the CLI, README.md and the transform's docstring see it."""
+
+    name: str
+    type: Any  # the resolved annotation, e.g. int | None
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    resolves: str | None
+
+    @property
+    def value_type(self) -> type:
+        """The type a non-None value has (``int`` for ``int | None``)."""
+        args = [a for a in typing.get_args(self.type) if a is not type(None)]
+        base = args[0] if args else self.type
+        return typing.get_origin(base) or base
+
+    @property
+    def shown_default(self) -> str:
+        """The default as README.md and --help show it."""
+        default = self.default.value if isinstance(self.default, KeepMode) else self.default
+        return repr(default)
+
+
+def parameters() -> list[Parameter]:
+    """Every parameter of :class:`CaptionConfig`, in order."""
+    hints = typing.get_type_hints(CaptionConfig)
+    result = []
+    for spec in dataclasses.fields(CaptionConfig):
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        meta = spec.metadata
+        result.append(Parameter(spec.name, hints[spec.name], default, meta["help"], meta["choices"], meta["resolves"]))
+    return result
+
+
+def describe(p: Parameter) -> str:
+    """One sentence on a parameter: its help, its valid values and what its None default resolves to."""
+    text = p.help
+    if p.choices:
+        text += f" ({', '.join(repr(c) for c in p.choices)})"
+    if p.resolves:
+        text += f"; default: {p.resolves}"
+    return text
+
+
+def markdown_table() -> str:
+    """README.md's parameter table, made from the declarations (a test keeps the README equal to it)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")  # a table cell's | must be escaped, in code spans too
+
+    rows = ["| parameter | default | meaning |", "|---|---|---|"]
+    for p in parameters():
+        name = f"`**{p.name}`" if p.name == "generate_kwargs" else f"`{p.name}`"
+        default = "" if p.name == "generate_kwargs" else f"`{cell(p.shown_default)}`"
+        rows.append(f"| {name} | {default} | {cell(describe(p))} |")
+    return "\n".join(rows)
+
+
+def args_docstring() -> str:
+    """The transform's ``Args:`` section, made from the declarations."""
+    lines = ["Args:"]
+    for p in parameters():
+        name = "**generate_kwargs" if p.name == "generate_kwargs" else p.name
+        lines.append(f"    {name}: {describe(p)}.")
+    return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- parameters: made by python -m beamcap.config --readme README.md -->", "<!-- /parameters -->")
+
+
+def write_readme_table(path: str) -> None:
+    """Replace the parameter table between :data:`README_MARKERS` in ``path`` with :func:`markdown_table`."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.index(README_MARKERS[0]) + len(README_MARKERS[0]), text.index(README_MARKERS[1])
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{text[:start]}\n{markdown_table()}\n{text[end:]}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print README.md's parameter table, or write it into README.md.")
+    parser.add_argument("--readme", help="a README.md whose table (between its markers) is replaced")
+    readme = parser.parse_args().readme
+    if readme:
+        write_readme_table(readme)
+    else:
+        print(markdown_table())

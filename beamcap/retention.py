@@ -23,11 +23,6 @@ class KeepMode(str, Enum):
     ALL = "all"
 
 
-def generated_per_sample(mode: KeepMode, caption_num: int) -> int:
-    """K: how many generated samples one captioned input gives."""
-    return caption_num if mode is KeepMode.ALL else 1
-
-
 def _md5_64(data: bytes) -> int:
     """First 8 bytes of the MD5 digest, big-endian: the reference's shingle hash."""
     return int.from_bytes(hashlib.md5(data).digest()[:8], "big")

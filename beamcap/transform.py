@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import textwrap
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.pvalue import PCollection
 
 from beamcap.batching import BatchByImages, restore_windowing, uses_stream_batcher
-from beamcap.config import DEFAULT_MODEL, CaptionConfig
+from beamcap.config import DEFAULT_MODEL, CaptionConfig, args_docstring
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN
 from beamcap.dofn import FAILED, GENERATED, ORIGINAL, CaptionDoFn
+from beamcap.images import DEFAULT_MAX_IMAGE_PIXELS
 from beamcap.retention import KeepMode
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(CaptionConfig))
 
 
 class UnsupportedRunnerError(ValueError):
@@ -53,7 +58,9 @@ class CaptionImages(beam.PTransform):
     """Caption the images of Data-Juicer samples and append the captioned samples.
 
     The Beam port of Data-Juicer's ``image_captioning_mapper``: the same
-    parameters, sample format and output (see README.md and SPEC).
+    parameters, sample format and output (docs/behaviour.md). Building it
+    validates the configuration and loads nothing; the model is loaded on the
+    workers.
 
     Example::
 
@@ -65,50 +72,10 @@ class CaptionImages(beam.PTransform):
              | beam.Create([{'text': '<__dj__image>a photo <|__dj__eoc|>', 'images': ['cat.jpg']}])
              | CaptionImages('beamcap-demo', caption_num=2, keep_candidate_mode='all')
              | beam.Map(print))
-
-    Args:
-        hf_img2seq: hub model id, a ``save_pretrained`` folder, or ``'beamcap-demo'``.
-        trust_remote_code: passed to every ``from_pretrained``.
-        caption_num: candidates generated per image (> 0).
-        keep_candidate_mode: ``'random_any'``, ``'similar_one_simhash'`` or ``'all'``.
-        keep_original_sample: also emit each input sample.
-        prompt: one prompt for every image.
-        prompt_key: a field holding a per-sample prompt (wins when it is a str).
-        gpu_batch_size: most images in one ``generate`` call.
-        text_key, image_key: the sample's fields.
-        image_token, eoc_token: the dataset's special tokens.
-        max_new_tokens, do_sample: generation settings (the reference's: 128, True).
-        seed: makes ``random_any`` choices a function of the seed and the sample.
-        device: ``None`` (cuda when available, else cpu), ``'cpu'``, ``'cuda:N'``.
-        torch_dtype: ``None`` (float32 on CPU, bfloat16/float16 on CUDA), a
-            dtype name, or ``'auto'``.
-        image_root: when set, relative image paths resolve under it and nothing
-            outside it is read (no absolute paths elsewhere, no URLs).
-        image_base_dir: relative image paths resolve against it (a local folder
-            or a Beam filesystem path); nothing is refused.
-        max_image_pixels: images declaring more pixels are refused.
-        max_input_pixels: images with more pixels are downscaled (aspect kept)
-            before the processor: bounds the cost of models whose input grows
-            with resolution (Qwen2-VL's dynamic resolution).
-        min_batch_size, max_batch_size: batch bounds in images (default max:
-            ``gpu_batch_size``).
-        large_model: one model per machine, shared by every SDK worker process
-            (``MultiProcessShared``, as RunInference's ``large_model``).
-        model_copies: N models per machine shared by the processes (implies
-            cross-process sharing); e.g. one per GPU-memory budget.
-        max_batch_duration_secs: streaming only: the longest a sample waits
-            for its batch to fill (a slow stream is captioned within it).
-            Windows and timestamps are kept, and the watermark is held while
-            samples wait, so downstream windows close only after them.
-        streaming_shards: streaming only (with ``max_batch_duration_secs``):
-            keys the waiting samples are spread over; one key is batched on
-            one worker, so set it to about the number of workers (GPUs).
-        prefetch_images: read and decode a batch's images in a background
-            thread while the previous batch generates (outputs of a batch then
-            come with the next one, or at the end of the bundle).
-        **generate_kwargs: further ``generate`` arguments (``num_beams``, ``top_p``, ...).
     """
 
+    # The signature repeats the names and defaults declared in CaptionConfig (tests/test_config.py proves them
+    # equal); the help for each is appended to this docstring from the same declarations, below the class.
     def __init__(
         self,
         hf_img2seq: str = DEFAULT_MODEL,
@@ -131,7 +98,7 @@ class CaptionImages(beam.PTransform):
         torch_dtype: Any = None,
         image_root: str | None = None,
         image_base_dir: str | None = None,
-        max_image_pixels: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_input_pixels: int | None = None,
         min_batch_size: int = 1,
         max_batch_size: int | None = None,
@@ -139,42 +106,12 @@ class CaptionImages(beam.PTransform):
         model_copies: int | None = None,
         max_batch_duration_secs: float | None = None,
         streaming_shards: int = 1,
-        prefetch_images: bool = False,
+        shared_image_pass: bool = True,
         **generate_kwargs: Any,
     ):
+        arguments = {name: value for name, value in locals().items() if name in _FIELDS}
         super().__init__()
-        extras = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}
-        self.config = CaptionConfig(
-            hf_img2seq=hf_img2seq,
-            trust_remote_code=trust_remote_code,
-            caption_num=caption_num,
-            keep_candidate_mode=keep_candidate_mode,
-            keep_original_sample=keep_original_sample,
-            prompt=prompt,
-            prompt_key=prompt_key,
-            gpu_batch_size=gpu_batch_size,
-            text_key=text_key,
-            image_key=image_key,
-            image_token=image_token,
-            eoc_token=eoc_token,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            seed=seed,
-            device=device,
-            torch_dtype=torch_dtype,
-            image_root=image_root,
-            image_base_dir=image_base_dir,
-            max_input_pixels=max_input_pixels,
-            min_batch_size=min_batch_size,
-            max_batch_size=max_batch_size,
-            large_model=large_model,
-            model_copies=model_copies,
-            max_batch_duration_secs=max_batch_duration_secs,
-            streaming_shards=streaming_shards,
-            prefetch_images=prefetch_images,
-            generate_kwargs=generate_kwargs,
-            **extras,
-        )
+        self.config = CaptionConfig(**arguments)
         self._handle_failures = False
 
     @classmethod
@@ -211,3 +148,6 @@ class CaptionImages(beam.PTransform):
         if self._handle_failures:
             return CaptionResult(good, outputs[FAILED])
         return good
+
+
+CaptionImages.__doc__ = f"{CaptionImages.__doc__.rstrip()}\n\n{textwrap.indent(args_docstring(), '    ')}\n"

@@ -51,8 +51,11 @@ from apache_beam.transforms.window import GlobalWindows  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages, demo_model_path  # noqa: E402
+from beamcap.batching import into_calls  # noqa: E402
 from beamcap.demo.shapes import Scene, draw_scene  # noqa: E402
 from beamcap.dofn import CaptionDoFn  # noqa: E402
+from beamcap.lifecycle import ModelLifecycle  # noqa: E402
+from beamcap.samples import load_images, parse_placed  # noqa: E402
 from benchmarks.gpu_busy import GpuBusy  # noqa: E402
 
 
@@ -145,7 +148,7 @@ class CaptionHandler(ModelHandler):
         with torch.inference_mode():
             out = model.model.generate(**inputs, **self._settings)
         n = self._settings["num_return_sequences"]
-        texts = model.decode(out)
+        texts = model.family.decode(out, 0)
         return [texts[i * n : (i + 1) * n] for i in range(len(batch))]
 
     def batch_elements_kwargs(self):
@@ -166,7 +169,8 @@ class Bench:
     ):
         self.model_path, self.paths, self.extra, self.torch_dtype = model_path, paths, extra, torch_dtype
         self.reference_dtype = reference_dtype
-        self.dofn = None
+        self.lifecycle: ModelLifecycle | None = None  # beamcap's model, loaded once, shared by every case's DoFn
+        self._captioner = None
         self._reference_captioner = None
 
     def _config(self, case: Case, **kw) -> CaptionConfig:
@@ -178,16 +182,16 @@ class Bench:
         )  # fmt: skip
 
     def dtype_name(self) -> str:
-        return str(self.dofn._captioner.info().get("dtype", "?")) if self.dofn else "?"
+        return str(self._captioner.info().get("dtype", "?")) if self._captioner else "?"
 
     def _settings(self, case: Case) -> dict:
         return self._config(case).generation_settings()
 
     def captioner(self, case: Case):
-        if self.dofn is None:
-            self.dofn = CaptionDoFn(self._config(case), handle_failures=True)
-            self.dofn.setup()
-        return self.dofn._captioner
+        if self._captioner is None:
+            self.lifecycle = ModelLifecycle(self._config(case))
+            self._captioner = self.lifecycle.acquire().next()
+        return self._captioner
 
     def reference_captioner(self, case: Case):
         """The model as the reference runs it: Data-Juicer loads it without a dtype (float32 for BLIP checkpoints).
@@ -212,36 +216,37 @@ class Bench:
         return time.perf_counter() - start
 
     def beamcap(self, case: Case, samples: list[dict] | None = None, **kw) -> float:
-        """The captioning DoFn over one bundle of ``samples`` (default: one image each), in batches of case.batch."""
+        """The captioning DoFn on ``samples`` (default: one image each) gathered in batches of case.batch images and
+        cut into calls as ``CaptionImages`` does (parsing included)."""
         self.captioner(case)
-        dofn = CaptionDoFn(self._config(case, **kw), handle_failures=True)
-        dofn._attach(self.dofn._captioner)  # the model loaded once, with this case's settings
+        config = self._config(case, **kw)
+        dofn = CaptionDoFn(config, handle_failures=True, lifecycle=self.lifecycle)  # the model loaded once
+        dofn.setup()
         if samples is None:
             samples = [{"text": "<__dj__image>", "images": [p]} for p in self.paths]
-        samples = [(sample, GlobalWindows.windowed_value(None)) for sample in samples]
+        place = GlobalWindows.windowed_value(None)
         start = time.perf_counter()
-        dofn.start_bundle()
         for i in range(0, len(samples), case.batch):
-            for _ in dofn.process(samples[i : i + case.batch]):
-                pass
-        for _ in dofn.finish_bundle():
-            pass
-        elapsed = time.perf_counter() - start
-        dofn.teardown()
-        return elapsed
-
-    def prefetch(self, case: Case) -> float:
-        """beamcap with prefetch_images: a batch's images read while the previous batch generates."""
-        return self.beamcap(case, prefetch_images=True)
+            works = [
+                parse_placed(s, config, place.timestamp, place.windows[0], place.pane_info)
+                for s in samples[i : i + case.batch]
+            ]
+            for call in into_calls(works, config.gpu_batch_size):
+                for _ in dofn.process(call):
+                    pass
+        return time.perf_counter() - start
 
     def inputs(self, case: Case) -> float:
-        """beamcap's input path alone (parse, read, decode with draft mode, processor), no generate:
-        the most that overlapping it with generation could save."""
+        """beamcap's input path alone (parse, read, decode with draft mode, processor), no generate."""
         cap = self.captioner(case)
-        samples = [({"text": "<__dj__image>", "images": [p]}, GlobalWindows.windowed_value(None)) for p in self.paths]
+        config = self._config(case)
+        place = GlobalWindows.windowed_value(None)
         start = time.perf_counter()
-        for i in range(0, len(samples), case.batch):
-            works = self.dofn._read(samples[i : i + case.batch])
+        for i in range(0, len(self.paths), case.batch):
+            works = [parse_placed({"text": "<__dj__image>", "images": [p]}, config, place.timestamp, place.windows[0],
+                                  place.pane_info) for p in self.paths[i : i + case.batch]]  # fmt: skip
+            for work in works:
+                load_images(work, config, cap.input_size)
             cap.prepare([image for work in works for image in work.images.values()], None)
         return time.perf_counter() - start
 
@@ -257,7 +262,7 @@ class Bench:
                 inputs = cap.prepare(images[j : j + case.batch], None)
                 for _ in range(case.caption_num):
                     with torch.inference_mode():
-                        cap.decode(cap.model.generate(**inputs, **settings))
+                        cap.family.decode(cap.model.generate(**inputs, **settings), 0)
         return time.perf_counter() - start
 
     def runinference(self, case: Case) -> float:
@@ -297,8 +302,8 @@ PROMPTS = ["a photo of", "a picture of", "a close-up photograph, taken outdoors 
 class PromptBench:
     """Mixed prompts (``prompt_key``, four prompts of different token lengths, in random order).
 
-    A batch is split into one ``generate`` call per prompt (SPEC: prompts are
-    never mixed), so no call pads a prompt; what matters is how full the calls are.
+    A batch is split into one ``generate`` call per prompt (prompts are never
+    mixed), so no call pads a prompt; what matters is how full the calls are.
 
     - arrival: the DoFn on batches in arrival order: several small calls per batch;
     - ordered: the same samples ordered by prompt first, as ``CaptionImages``
@@ -326,10 +331,11 @@ class PromptBench:
             part = self.samples[i : i + case.batch]
             images = [decode(s["images"][0]) for s in part]
             prompts = [s["prompt"] for s in part]
-            inputs = cap.on_device(cap.processor(images=images, text=prompts, return_tensors="pt", padding=True))
+            processor = cap.family.processor
+            inputs = cap.on_device(processor(images=images, text=prompts, return_tensors="pt", padding=True))
             for _ in range(case.caption_num):
                 with torch.inference_mode():
-                    cap.decode(cap.model.generate(**inputs, **settings))
+                    cap.family.decode(cap.model.generate(**inputs, **settings), 0)
         return time.perf_counter() - start
 
     def calls_per_batch(self, case: Case, sort: bool) -> float:
@@ -385,7 +391,7 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
 def measure(bench: Bench, case: Case, repeats: int) -> dict[str, list[float]]:
     methods: dict[str, Callable[[Case], float]] = {
         "floor": bench.floor, "beamcap": bench.beamcap, "reference": bench.reference, "runinference": bench.runinference,
-        "inputs": bench.inputs, "prefetch": bench.prefetch,
+        "inputs": bench.inputs,
     }  # fmt: skip
     bench.beamcap(case)  # warm-up (allocator, lazy imports)
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -467,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     bench.captioner(cases[0])  # load once, before timing
     print(
-        f"model: {model} ({bench.dtype_name()} on {bench.dofn._captioner.info()['device']}; "
+        f"model: {model} ({bench.dtype_name()} on {bench.captioner(cases[0]).info()['device']}; "
         f"the reference's method in {bench.reference_captioner(cases[0]).info()['dtype']})\n"
     )
     print(
@@ -488,17 +494,10 @@ def main(argv: list[str] | None = None) -> None:
         ]
         cells += [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ratio.values()]
         print(f"| {case.label()} | " + " | ".join(cells) + " |", flush=True)
-        shares.append((
-            case,
-            median_spread([a / b for a, b in zip(times["inputs"], times["beamcap"], strict=True)]),
-            median_spread([b / a for a, b in zip(times["prefetch"], times["beamcap"], strict=True)]),
-        ))  # fmt: skip
-    print(
-        "\nbeamcap's input path (read, decode, processor) as a share of its steady-state time, and "
-        "prefetch_images=True (images read in the background while the previous batch generates) over beamcap:"
-    )
-    for case, (m, lo, hi), (pm, plo, phi) in shares:
-        print(f"- {case.label()}: input share {m:.1%} ({lo:.1%}-{hi:.1%}); prefetch {pm:.2f}x ({plo:.2f}-{phi:.2f})")
+        shares.append((case, median_spread([a / b for a, b in zip(times["inputs"], times["beamcap"], strict=True)])))
+    print("\nbeamcap's input path (read, decode, processor) as a share of its steady-state time:")
+    for case, (m, lo, hi) in shares:
+        print(f"- {case.label()}: input share {m:.1%} ({lo:.1%}-{hi:.1%})")
     if args.prompts and not (args.chat or args.chat_base):
         report_prompts(bench, [c for c in cases if c.samples_per_call is None and c.batch > 1], repeats, n)
     if torch.cuda.is_available():

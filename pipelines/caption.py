@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-from beamcap.dofn import METRICS_NAMESPACE
+from beamcap.metrics import METRICS_NAMESPACE
 from beamcap.transform import CaptionImages
 from pipelines.options import add_caption_arguments, config_from_args
 from pipelines.recipe import load_recipe
@@ -166,18 +166,17 @@ def summary(result: beam.runners.runner.PipelineResult, wall_secs: float) -> dic
     return totals
 
 
-def run(argv: list[str] | None = None, save_main_session: bool = True, test_pipeline=None):
+def run(argv: list[str] | None = None, save_main_session: bool = True):
     """Build and run the job; returns the finished ``PipelineResult``."""
     args, pipeline_args = parse_args(argv)
     options = PipelineOptions(pipeline_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
     start = time.perf_counter()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(options=options)
     build(pipeline, args)
     result = pipeline.run()
     result.wait_until_finish()
     totals = summary(result, time.perf_counter() - start)
-    _LOGGER.debug("beamcap summary: %s", json.dumps(totals, sort_keys=True))
     print("beamcap summary:", json.dumps(totals, sort_keys=True))
     return result
 

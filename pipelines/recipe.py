@@ -4,27 +4,37 @@ Supported: ``dataset_path``, ``export_path``, ``text_keys``, ``image_key``,
 ``image_special_token``, ``eoc_special_token`` and one
 ``image_captioning_mapper`` entry of ``process`` with its arguments. Other
 ops are an error that names them (``skip_other_ops`` lets a user run only the
-captioning step). Data-Juicer's scheduling hints (``num_proc``,
-``mem_required``, ...) have no meaning under Beam and are accepted without
-effect; any other unknown argument is an error.
+captioning step). Data-Juicer's other per-op arguments (scheduling hints such
+as ``num_proc``, data keys the op does not read) are accepted without effect,
+each logged with the reason; any other unknown argument is an error.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import yaml
 
+from beamcap.config import REFERENCE_PARAMETERS, parameters
+
+_LOGGER = logging.getLogger(__name__)
+
 OP_NAME = "image_captioning_mapper"
-MAPPER_ARGS = {
-    "hf_img2seq", "trust_remote_code", "caption_num", "keep_candidate_mode", "keep_original_sample", "prompt",
-    "prompt_key", "gpu_batch_size", "text_key", "image_key",
-}  # fmt: skip
-# Data-Juicer's per-op runtime settings: Beam schedules work itself, so they do not apply.
-SCHEDULING_ARGS = {
-    "accelerator", "num_proc", "mem_required", "cpu_required", "gpu_required", "turbo", "batch_size",
-    "skip_op_error", "work_dir", "audio_key", "video_key", "query_key", "response_key", "history_key", "index_key",
-    "batch_mode", "runtime_np",
+# The operator's own parameters, and the data keys it reads.
+MAPPER_ARGS = {p.name for p in parameters()[:REFERENCE_PARAMETERS]} | {"text_key", "image_key"}
+# Data-Juicer's other per-op arguments: accepted, without effect under Beam, for the reason given.
+IGNORED_ARGS = {
+    **dict.fromkeys(
+        ("accelerator", "num_proc", "mem_required", "cpu_required", "gpu_required", "turbo", "batch_size",
+         "work_dir", "batch_mode", "runtime_np"),
+        "Beam schedules the work",
+    ),
+    "skip_op_error": "failed samples go to --failed_output",
+    **dict.fromkeys(
+        ("audio_key", "video_key", "query_key", "response_key", "history_key", "index_key"),
+        "the captioning op reads only text_key and image_key",
+    ),
 }  # fmt: skip
 
 
@@ -71,8 +81,10 @@ def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
     if len(mappers) != 1:
         raise RecipeError(f"{path}: expected exactly one {OP_NAME} in process, found {len(mappers)}")
     args = mappers[0][1]
-    unknown = sorted(set(args) - MAPPER_ARGS - SCHEDULING_ARGS)
+    unknown = sorted(set(args) - MAPPER_ARGS - IGNORED_ARGS.keys())
     if unknown:
         raise RecipeError(f"{path}: {OP_NAME} has arguments beamcap does not know: {unknown}")
+    for name in sorted(IGNORED_ARGS.keys() & args.keys()):
+        _LOGGER.info("%s: %s %s=%r has no effect here: %s.", path, OP_NAME, name, args[name], IGNORED_ARGS[name])
     settings.update({k: v for k, v in args.items() if k in MAPPER_ARGS})
     return settings

@@ -10,32 +10,40 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.util import BeamAssertException
 from apache_beam.transforms.window import GlobalWindows
 
+from beamcap.batching import into_calls
 from beamcap.config import CaptionConfig
 from beamcap.dofn import FAILED, ORIGINAL, CaptionDoFn
+from beamcap.samples import parse
 
 EOC = "<|__dj__eoc|>"
 IMG = "<__dj__image>"
 
 
-def process(dofn: CaptionDoFn, samples: list) -> dict[str, list]:
-    """One ``process`` call outside Beam; the emitted samples by tag (main output under 'generated')."""
+def process(dofn: CaptionDoFn, config: CaptionConfig, samples: list) -> dict[str, list]:
+    """``samples`` parsed and cut into calls as the transform does, each call through ``process`` outside Beam;
+    the emitted samples by tag (main output under 'generated')."""
     out: dict[str, list] = {"generated": [], ORIGINAL: [], FAILED: []}
-    dofn.start_bundle()
-    placed = [(s, GlobalWindows.windowed_value(None)) for s in samples]
-    for item in [*dofn.process(placed), *dofn.finish_bundle()]:
-        tag, value = (item.tag, item.value) if isinstance(item, TaggedOutput) else ("generated", item)
-        out[tag].append(value.value)
+    place = GlobalWindows.windowed_value(None)
+    works = []
+    for sample in samples:
+        work = parse(sample, config)
+        work.timestamp, work.window, work.pane = place.timestamp, place.windows[0], place.pane_info
+        works.append(work)
+    for call in into_calls(works, config.gpu_batch_size):
+        for item in dofn.process(call):
+            tag, value = (item.tag, item.value) if isinstance(item, TaggedOutput) else ("generated", item)
+            out[tag].append(value.value)
     return out
 
 
 def run_dofn(config: CaptionConfig, samples: Iterable, batch_size: int = 1) -> dict[str, list]:
-    """Run the captioning DoFn outside Beam on batches of ``batch_size``; the emitted samples by tag."""
+    """Run the captioning DoFn outside Beam on batches of ``batch_size`` samples; the emitted samples by tag."""
     dofn = CaptionDoFn(config, handle_failures=True)
     dofn.setup()
     samples = list(samples)
     out: dict[str, list] = {"generated": [], ORIGINAL: [], FAILED: []}
     for start in range(0, len(samples), batch_size):
-        for tag, values in process(dofn, samples[start : start + batch_size]).items():
+        for tag, values in process(dofn, config, samples[start : start + batch_size]).items():
             out[tag] += values
     return out
 

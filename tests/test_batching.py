@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+from types import SimpleNamespace
 
 import apache_beam as beam
 import pytest
@@ -15,8 +15,8 @@ from apache_beam.transforms import trigger, window
 from helpers import EOC, IMG, run_dofn, same_elements
 
 from beamcap import METRICS_NAMESPACE, CaptionConfig, CaptionImages
-from beamcap.batching import BatchByImages, OrderByPrompt, prompt_order, split_by_weight
-from beamcap.dofn import image_weight, with_placement
+from beamcap.batching import BatchByImages, OrderByPrompt, into_calls, prompt_order, split_by_weight
+from beamcap.samples import parse, parse_placed
 
 FAST = {"max_new_tokens": 4, "do_sample": False}
 
@@ -35,10 +35,18 @@ def streaming():
     ],
 )
 def test_split_by_weight_bounds_each_batch_and_keeps_order(weights, expected):
-    items = list(enumerate(weights))
-    batches = list(split_by_weight(items, 2, weight=lambda item: item[1]))
-    assert [[w for _, w in batch] for batch in batches] == expected
+    items = [SimpleNamespace(weight=w) for w in weights]
+    batches = list(split_by_weight(items, 2))
+    assert [[item.weight for item in batch] for batch in batches] == expected
     assert [item for batch in batches for item in batch] == items  # nothing lost, order kept
+
+
+def test_into_calls_never_mixes_prompts_and_bounds_images():
+    config = CaptionConfig("beamcap-demo", prompt_key="p", gpu_batch_size=3)
+    works = [parse({"id": i, "text": IMG * n, "images": ["x.jpg"] * n, "p": p}, config)
+             for i, (n, p) in enumerate([(2, "a"), (1, None), (2, "a"), (1, "b"), (4, None), (1, "a")])]  # fmt: skip
+    calls = [[w.sample["id"] for w in call] for call in into_calls(works, 3)]
+    assert calls == [[0], [2, 5], [1], [4], [3]]  # prompts in order of first appearance, arrival order inside
 
 
 def _sample(i, n_images=1):
@@ -46,7 +54,7 @@ def _sample(i, n_images=1):
 
 
 def _ids_per_batch(batch):
-    return sorted(sample["id"] for sample, _ in batch)
+    return sorted(work.sample["id"] for work in batch)
 
 
 def test_a_slow_stream_is_batched_within_the_duration():
@@ -78,13 +86,12 @@ def test_without_time_passing_samples_wait_for_the_end_of_the_stream():
         assert_that(batches, equal_to([[0, 1]]))
 
 
-def _weight_and_places(batch, config, timestamp=beam.DoFn.TimestampParam):
-    weight = functools.partial(image_weight, config=config)
+def _weight_and_places(batch, timestamp=beam.DoFn.TimestampParam):
     # A batch is stamped no later than its earliest sample (the earliest of its pane): that is the watermark
     # hold that keeps downstream windows open while samples wait, on every runner.
-    assert timestamp <= min(place.timestamp for _, place in batch), (timestamp, batch)
-    return sum(weight(item) for item in batch), [
-        (sample["id"], float(place.timestamp), float(place.windows[0].start)) for sample, place in batch
+    assert timestamp <= min(work.timestamp for work in batch), (timestamp, batch)
+    return sum(work.weight for work in batch), [
+        (work.sample["id"], float(work.timestamp), float(work.window.start)) for work in batch
     ]
 
 
@@ -109,11 +116,7 @@ def test_full_batches_go_at_once_and_weigh_at_most_gpu_batch_size_images():
 
     with TestPipeline(options=streaming()) as p:
         batches = (
-            p
-            | stream
-            | beam.WindowInto(window.FixedWindows(20))
-            | BatchByImages(config)
-            | beam.Map(_weight_and_places, config)
+            p | stream | beam.WindowInto(window.FixedWindows(20)) | BatchByImages(config) | beam.Map(_weight_and_places)
         )
         assert_that(batches, check)
 
@@ -206,11 +209,9 @@ def _prompted(i, prompt):
 
 def test_prompt_order_groups_prompts_and_keeps_arrival_order_within_one():
     config = CaptionConfig("beamcap-demo", prompt="default", prompt_key="p")
-    place = window.GlobalWindows.windowed_value(None)
-    items = [(_prompted(i, p), place) for i, p in enumerate(["b", "a", None, "b", 7, "a"])] + [("not a dict", place)]
-    ordered = [
-        item[0] if isinstance(item[0], str) else item[0]["id"] for item in sorted(items, key=prompt_order(config))
-    ]
+    samples = [_prompted(i, p) for i, p in enumerate(["b", "a", None, "b", 7, "a"])] + ["not a dict"]
+    works = [parse(sample, config) for sample in samples]
+    ordered = [w.sample if isinstance(w.sample, str) else w.sample["id"] for w in sorted(works, key=prompt_order)]
     assert ordered == ["not a dict", 1, 5, 0, 3, 2, 4]  # failing samples first, then a, b, default (None and 7)
 
 
@@ -240,9 +241,9 @@ def test_order_by_prompt_emits_everything_in_its_own_window(image_dir):
             p
             | beam.Create(samples, reshuffle=False)
             | beam.WindowInto(window.FixedWindows(20))
-            | beam.Map(with_placement)
-            | beam.ParDo(OrderByPrompt(config, buffer_size=3))
-            | beam.Map(lambda item, w=beam.DoFn.WindowParam: (item[0]["id"], float(item[1].timestamp), float(w.start)))
+            | beam.Map(parse_placed, config)
+            | beam.ParDo(OrderByPrompt(buffer_size=3))
+            | beam.Map(lambda work, w=beam.DoFn.WindowParam: (work.sample["id"], float(work.timestamp), float(w.start)))
         )
         assert_that(out, equal_to([(i, i * 10.0, 20.0 * (i // 2)) for i in range(7)]))
 

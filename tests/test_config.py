@@ -45,13 +45,13 @@ def test_building_the_transform_loads_nothing():
         ({"hf_img2seq": ""}, "hf_img2seq must not be empty"),
         ({"trust_remote_code": "yes"}, "trust_remote_code must be a bool"),
         ({"keep_original_sample": 1}, "keep_original_sample must be a bool"),
-        ({"prompt": 5}, "prompt must be a str or None"),
+        ({"prompt": 5}, "prompt must be a str, got int 5"),
         ({"prompt_key": ["p"]}, "prompt_key must be"),
         ({"text_key": ""}, "text_key must be a non-empty str"),
         ({"device": "gpu"}, "device must be"),
         ({"torch_dtype": "float64"}, "torch_dtype must be"),
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
-        ({"seed": "1"}, "seed must be an int or None"),
+        ({"seed": "1"}, "seed must be an int, got str '1'"),
         ({"min_batch_size": 9}, "min_batch_size (9) must be <="),
         ({"min_batch_size": 4, "max_batch_size": 2}, "max_batch_size (2) must be >= min_batch_size (4)"),
         ({"num_return_sequences": 3}, "cannot be passed"),
@@ -61,7 +61,9 @@ def test_building_the_transform_loads_nothing():
         ({"max_batch_duration_secs": "5"}, "max_batch_duration_secs must be a number of seconds > 0"),
         ({"max_batch_duration_secs": float("nan")}, "max_batch_duration_secs must be a number of seconds > 0"),
         ({"streaming_shards": 0}, "streaming_shards must be a positive int"),
-        ({"prefetch_images": "yes"}, "prefetch_images must be a bool"),
+        ({"prefetch_images": True}, "prefetch_images was removed"),
+        ({"shared_image_pass": "yes"}, "shared_image_pass must be a bool"),
+        ({"hf_img2seq": None}, "hf_img2seq must not be None"),
         ({"do_sample": False, "caption_num": 3, "num_beams": 2}, "needs num_beams >= caption_num"),
     ],
 )
@@ -116,16 +118,51 @@ def test_pathlib_paths_are_accepted(tmp_path):
     )  # fmt: skip
 
 
-def test_every_parameter_is_a_transform_argument_and_a_job_flag_with_the_same_default():
-    import argparse
+def test_the_transform_signature_equals_the_config():
+    """Names, order and defaults: the reference's 8 first and positional, every other field keyword-only, and
+    **generate_kwargs last."""
     import dataclasses
 
-    from pipelines.options import CAPTION_FIELDS, add_caption_arguments, config_from_args
+    fields = dataclasses.fields(CaptionConfig)
+    params = list(inspect.signature(CaptionImages.__init__).parameters.values())[1:]
+    assert [p.name for p in params] == [f.name for f in fields]
+    for param, spec in zip(params[:-1], fields[:-1], strict=True):
+        assert param.default == spec.default, param.name
+    assert {p.kind for p in params[:8]} == {inspect.Parameter.POSITIONAL_OR_KEYWORD}
+    assert {p.kind for p in params[8:-1]} == {inspect.Parameter.KEYWORD_ONLY}
+    assert params[-1].kind is inspect.Parameter.VAR_KEYWORD
+    assert CaptionImages(caption_num=2, top_p=0.5).config == CaptionConfig(
+        caption_num=2, generate_kwargs={"top_p": 0.5}
+    )
 
-    fields = [f.name for f in dataclasses.fields(CaptionConfig)]
-    assert CAPTION_FIELDS == fields
-    params = list(inspect.signature(CaptionImages.__init__).parameters)[1:]
-    assert params == [*fields[:-1], "generate_kwargs"]  # **generate_kwargs last
+
+def test_every_parameter_is_a_job_flag_with_the_same_default_and_its_help():
+    import argparse
+
+    from beamcap.config import parameters
+    from pipelines.options import add_caption_arguments, config_from_args
+
     parser = argparse.ArgumentParser()
     add_caption_arguments(parser)
     assert config_from_args(parser.parse_args([])) == CaptionConfig()
+    shown = " ".join(parser.format_help().split())
+    for p in parameters():
+        assert f"--{p.name}" in shown and p.help[:40] in shown
+
+
+def test_the_readme_table_is_the_declarations():
+    import os
+
+    from beamcap.config import markdown_table
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    assert markdown_table() in readme, (
+        "README.md's parameter table drifted: run python -m beamcap.config --readme README.md"
+    )
+
+
+def test_the_transform_docstring_lists_every_parameter():
+    from beamcap.config import parameters
+
+    for p in parameters():
+        assert f"{p.name}: {p.help[:40]}" in CaptionImages.__doc__

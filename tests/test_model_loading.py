@@ -13,7 +13,9 @@ from apache_beam.testing.util import assert_that
 from helpers import IMG, has_counts
 
 from beamcap import CaptionConfig, CaptionImages
-from beamcap.model import load_captioner, localize_model_folder, resolve_device, resolve_dtype
+from beamcap.devices import resolve_device, resolve_dtype
+from beamcap.model import load_captioner
+from beamcap.sources import localize_model_folder
 
 
 def test_image_token_id_comes_from_the_processor(model_dirs, image_dir, tmp_path):

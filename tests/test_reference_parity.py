@@ -1,9 +1,9 @@
-"""beamcap's text format equals the reference operator's wherever SPEC does not deliberately differ.
+"""beamcap's text format equals the reference operator's wherever docs/behaviour.md does not say it differs.
 
 The oracle below re-states the reference's documented algorithm: per non-empty chunk, keep only the special
 tokens, insert " caption " after the next image placeholder for each image of the chunk, append the eoc token.
 It differs from beamcap only for chunks with two or more images (the reference inserts every caption after the
-first token, in reverse order; SPEC "better than the reference"), so the property is checked on chunks with at
+first token, in reverse order; docs/behaviour.md, "Differs"), so the property is checked on chunks with at
 most one image, and the deliberate difference is checked explicitly.
 """
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import pytest
@@ -19,6 +16,7 @@ from test_images import png_with_declared_size
 
 from beamcap import CaptionConfig, CaptionImages
 from beamcap.dofn import CaptionDoFn
+from beamcap.model import Captioner
 
 FAST = {"max_new_tokens": 4}
 GREEDY = dict(caption_num=2, keep_candidate_mode="all", do_sample=False, gpu_batch_size=3, **FAST)
@@ -77,11 +75,18 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def clean(blip_dir, image_dir):
+    """The good samples' outputs without a bad one beside them (computed once)."""
+    return run_dofn(
+        CaptionConfig(blip_dir, max_image_pixels=1_000_000, **GREEDY), good_samples(image_dir), batch_size=3
+    )
+
+
 @pytest.mark.parametrize("make, reason", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_fails_alone_and_good_samples_are_unchanged(blip_dir, image_dir, tmp_path, make, reason):
+def test_bad_input_fails_alone_and_good_samples_are_unchanged(blip_dir, image_dir, tmp_path, clean, make, reason):
     good = good_samples(image_dir)
     bad = make(tmp_path)
-    clean = run_dofn(CaptionConfig(blip_dir, max_image_pixels=1_000_000, **GREEDY), good, batch_size=3)
     with TestPipeline() as p:
         result = (
             p
@@ -100,7 +105,7 @@ def failed_with(sample, reason):
     return check
 
 
-# Inputs that are not failures: the SPEC says what they give.
+# Inputs that are not failures: docs/behaviour.md says what they give.
 ODD_BUT_VALID = [
     ("images_missing", {"text": IMG}, 1, 0),
     ("images_none", {"text": IMG, "images": None}, 1, 0),
@@ -173,52 +178,43 @@ def test_seeded_pipeline_runs_are_identical(blip_dir, image_dir):
 
 
 class _OOMInjector:
-    """Wraps the real generate step: raises CUDA out-of-memory for calls over ``limit`` images
-    or containing a poisoned image size."""
+    """Wraps the real generate step (``Captioner.caption``): raises CUDA out-of-memory for calls over ``limit``
+    images or containing a poisoned image size."""
 
-    def __init__(self, real, limit, poisoned_width=None):
-        self.real, self.limit, self.poisoned_width, self.sizes = real, limit, poisoned_width, []
+    def __init__(self, limit, poisoned_width=None):
+        self.real, self.limit, self.poisoned_width, self.sizes = Captioner.caption, limit, poisoned_width, []
 
-    def __call__(self, images, prompt, settings, seeds=None):
+    def __call__(self, captioner, images, prompt, settings, seeds=None):
         self.sizes.append(len(images))
         if len(images) > self.limit or any(im.width == self.poisoned_width for im in images):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.real(images, prompt, settings, seeds)
+        return self.real(captioner, images, prompt, settings, seeds)
 
 
-def _dofn_with(config, injector_factory):
+def _dofn_with(config, injector, monkeypatch):
     dofn = CaptionDoFn(config, handle_failures=True)
     dofn.setup()
-    injector = injector_factory(dofn._captioner.caption)
-    dofn._captioner = _Proxy(dofn._captioner, injector)
-    return dofn, injector
+    monkeypatch.setattr(Captioner, "caption", lambda captioner, *args: injector(captioner, *args))
+    return dofn
 
 
-class _Proxy:
-    def __init__(self, captioner, caption):
-        self._captioner, self.caption = captioner, caption
-
-    def __getattr__(self, name):
-        return getattr(self._captioner, name)
-
-
-def test_out_of_memory_halves_the_call_until_it_fits(blip_dir, image_dir):
+def test_out_of_memory_halves_the_call_until_it_fits(blip_dir, image_dir, monkeypatch):
     samples = [{"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]} for i in range(8)]
     config = CaptionConfig(blip_dir, gpu_batch_size=8, do_sample=False, **FAST)
     expected = run_dofn(config, samples, batch_size=8)
-    dofn, injector = _dofn_with(config, lambda real: _OOMInjector(real, limit=2))
-    outputs = process(dofn, samples)
+    injector = _OOMInjector(limit=2)
+    outputs = process(_dofn_with(config, injector, monkeypatch), config, samples)
     assert injector.sizes == [8, 4, 2, 2, 4, 2, 2]
     assert canonical(outputs["generated"]) == canonical(expected["generated"])
 
 
-def test_an_image_that_never_fits_fails_alone(blip_dir, image_dir, tmp_path):
+def test_an_image_that_never_fits_fails_alone(blip_dir, image_dir, tmp_path, monkeypatch):
     Image.new("RGB", (77, 20), "blue").save(tmp_path / "huge.png")
     samples = [{"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]} for i in range(5)]
     samples.insert(2, {"id": "big", "text": IMG, "images": [str(tmp_path / "huge.png")]})
     config = CaptionConfig(blip_dir, gpu_batch_size=8, do_sample=False, **FAST)
-    dofn, _ = _dofn_with(config, lambda real: _OOMInjector(real, limit=8, poisoned_width=77))
-    outputs = process(dofn, samples)
+    injector = _OOMInjector(limit=8, poisoned_width=77)
+    outputs = process(_dofn_with(config, injector, monkeypatch), config, samples)
     failed = outputs["failed"]
     assert len(failed) == 1 and failed[0]["sample"]["id"] == "big"
     assert "huge.png" in failed[0]["error"] and "OutOfMemoryError" in failed[0]["error"]
@@ -226,25 +222,23 @@ def test_an_image_that_never_fits_fails_alone(blip_dir, image_dir, tmp_path):
 
 
 def test_many_threads_share_one_model(blip_dir, image_dir):
-    config = CaptionConfig(blip_dir, do_sample=False, caption_num=2, keep_candidate_mode="all", **FAST)
-    blob = pickle.dumps(CaptionDoFn(config, handle_failures=True))  # as a runner ships the DoFn
-    samples = good_samples(image_dir)
-    expected = canonical(run_dofn(config, samples, batch_size=3)["generated"])
-    barrier = threading.Barrier(6)
+    """DirectRunner with 6 threads: one model load in the process, and the same captions as one thread."""
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    def worker(_):
-        dofn = pickle.loads(blob)
-        barrier.wait()
-        dofn.setup()
-        results = []
-        for _ in range(3):
-            results.append(canonical(process(dofn, samples)["generated"]))
-        return dofn._captioner, results
+    from beamcap import METRICS_NAMESPACE
 
-    with ThreadPoolExecutor(6) as pool:
-        outcomes = list(pool.map(worker, range(6)))
-    assert len({id(captioner) for captioner, _ in outcomes}) == 1
-    assert all(r == expected for _, results in outcomes for r in results)
+    config = dict(do_sample=False, caption_num=2, keep_candidate_mode="all", gpu_batch_size=1, **FAST)
+    samples = good_samples(image_dir) * 8
+    expected = run_dofn(CaptionConfig(blip_dir, **config), samples, batch_size=3)
+    options = PipelineOptions(direct_running_mode="multi_threading", direct_num_workers=6)
+    p = TestPipeline(options=options)
+    out = p | beam.Create(samples) | beam.Reshuffle() | CaptionImages(blip_dir, **config)
+    assert_that(out, same_elements(expected["generated"] + expected["original"]))
+    result = p.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE).with_name("model_loads"))
+    assert sum(c.committed for c in counters["counters"]) == 1
 
 
 def _open_denying(path_suffix):
@@ -258,7 +252,7 @@ def _open_denying(path_suffix):
     return guarded
 
 
-def test_unreadable_file_fails_alone_even_as_root(blip_dir, image_dir, tmp_path, monkeypatch):
+def test_unreadable_file_fails_alone_even_as_root(blip_dir, image_dir, tmp_path, monkeypatch, clean):
     """Root reads mode-000 files, so CI (root) cannot make one; the OS error is raised at open() instead."""
     import beamcap.images
 
@@ -266,10 +260,11 @@ def test_unreadable_file_fails_alone_even_as_root(blip_dir, image_dir, tmp_path,
     monkeypatch.setattr(beamcap.images, "open", _open_denying("locked.jpg"), raising=False)
     good = good_samples(image_dir)
     bad = {"text": IMG, "images": [str(tmp_path / "locked.jpg")]}
-    clean = run_dofn(CaptionConfig(blip_dir, **GREEDY), good, batch_size=3)
     with TestPipeline() as p:
         result = (
-            p | beam.Create([good[0], bad, *good[1:]]) | CaptionImages(blip_dir, **GREEDY).with_exception_handling()
+            p
+            | beam.Create([good[0], bad, *good[1:]])
+            | CaptionImages(blip_dir, max_image_pixels=1_000_000, **GREEDY).with_exception_handling()
         )
         assert_that(result.good, same_elements(clean["generated"] + clean["original"]), label="good")
         assert_that(result.failed, failed_with(bad, "permission denied"), label="failed")

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from beamcap import simhash_fingerprint
-from beamcap.retention import KeepMode, choose_captions, generated_per_sample, most_similar, sample_rng
+from beamcap.retention import KeepMode, choose_captions, most_similar, sample_rng
 
 
 @pytest.mark.parametrize(
@@ -54,9 +54,3 @@ def test_random_any_seeded_is_a_function_of_seed_and_sample():
     assert pick(7, "s1") == pick(7, "s1")
     assert len({str(pick(s, "s1")) for s in range(20)}) > 1
     assert len({str(pick(7, f"s{k}")) for k in range(20)}) > 1
-
-
-def test_generated_per_sample():
-    assert generated_per_sample(KeepMode.RANDOM_ANY, 5) == 1
-    assert generated_per_sample(KeepMode.SIMILAR_ONE_SIMHASH, 5) == 1
-    assert generated_per_sample(KeepMode.ALL, 5) == 5

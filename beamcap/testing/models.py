@@ -202,15 +202,6 @@ def build_vision_encoder_decoder(path: str) -> str:
     return _save(VisionEncoderDecoderModel(config), [image_processor, tok], path)
 
 
-BUILDERS = {
-    "blip": build_blip,
-    "blip2_opt": build_blip2_opt,
-    "blip2_t5": build_blip2_t5,
-    "git": build_git,
-    "vision_encoder_decoder": build_vision_encoder_decoder,
-}
-
-
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}"
@@ -269,9 +260,6 @@ def build_llava(
     return _save(LlavaForConditionalGeneration(config), [processor], path)
 
 
-BUILDERS["llava"] = build_llava
-
-
 def build_florence2(path: str) -> str:
     """A task-prompt model: Florence-2 (DaViT vision + BART), a byte-level tokenizer with <image>."""
     from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
@@ -314,4 +302,13 @@ def build_florence2(path: str) -> str:
     return _save(Florence2ForConditionalGeneration(config), [processor], path)
 
 
-BUILDERS["florence2"] = build_florence2
+BUILDERS = {
+    "blip": build_blip,
+    "blip2_opt": build_blip2_opt,
+    "blip2_t5": build_blip2_t5,
+    "git": build_git,
+    "vision_encoder_decoder": build_vision_encoder_decoder,
+    "llava": build_llava,
+    "florence2": build_florence2,
+}
+"""One tiny model builder per tested family: ``BUILDERS[name](folder) -> folder``."""
