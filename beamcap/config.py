@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN, SpecialTokens
-from beamcap.images import DEFAULT_MAX_IMAGE_PIXELS
+from beamcap.images import DEFAULT_DOWNLOAD_TIMEOUT_SECS, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from beamcap.retention import KeepMode
 
 _LOGGER = logging.getLogger(__name__)
@@ -205,6 +205,16 @@ class CaptionConfig:
         DEFAULT_MAX_IMAGE_PIXELS,
         "images declaring more pixels are refused before decoding (default: Pillow's limit)",
         check=is_positive_int,
+    )
+    max_image_bytes: int = param(
+        DEFAULT_MAX_IMAGE_BYTES,
+        "images larger than this many bytes (local file, Beam filesystem or URL) are refused without reading on",
+        check=is_positive_int,
+    )
+    download_timeout_secs: float = param(
+        DEFAULT_DOWNLOAD_TIMEOUT_SECS,
+        "the longest one http(s) image download may take, all of it (not per socket read)",
+        check=is_positive_seconds,
     )
     max_input_pixels: int | None = param(
         None,
@@ -425,27 +435,3 @@ def args_docstring() -> str:
         name = "**generate_kwargs" if p.name == "generate_kwargs" else p.name
         lines.append(f"    {name}: {describe(p)}.")
     return "\n".join(lines)
-
-
-README_MARKERS = ("<!-- parameters: made by python -m beamcap.config --readme README.md -->", "<!-- /parameters -->")
-
-
-def write_readme_table(path: str) -> None:
-    """Replace the parameter table between :data:`README_MARKERS` in ``path`` with :func:`markdown_table`."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    start, end = text.index(README_MARKERS[0]) + len(README_MARKERS[0]), text.index(README_MARKERS[1])
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{text[:start]}\n{markdown_table()}\n{text[end:]}")
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Print README.md's parameter table, or write it into README.md.")
-    parser.add_argument("--readme", help="a README.md whose table (between its markers) is replaced")
-    readme = parser.parse_args().readme
-    if readme:
-        write_readme_table(readme)
-    else:
-        print(markdown_table())

@@ -71,8 +71,13 @@ class CaptionDoFn(beam.DoFn):
     def _caption(self, call: Sequence[Work]) -> None:
         """One ``generate`` call for the images of ``call`` (all with one prompt); a failed call is retried in
         halves, so only the images at fault fail. A single sample with more than ``gpu_batch_size`` images is
-        captioned in calls of ``gpu_batch_size``."""
+        captioned in calls of ``gpu_batch_size``.
+
+        An image that runs out of memory alone is not the sample's fault but the device's: it fails the bundle,
+        loudly, as a model that cannot load does.
+        """
         from beamcap.devices import free_device_memory, is_out_of_memory
+        from beamcap.model import PromptTooLongError
 
         captioner = self._models.next()
         jobs = [(work, index) for work in call if work.needs_captions for index in work.plan.image_indices]
@@ -82,17 +87,25 @@ class CaptionDoFn(beam.DoFn):
         for start in range(0, len(jobs), size):
             chunk = jobs[start : start + size]
             outcomes = call_isolating(
-                lambda part: self._generate(captioner, part), chunk, is_oom=is_out_of_memory, on_oom=free_device_memory
+                lambda part: self._generate(captioner, part),
+                chunk,
+                is_oom=is_out_of_memory,
+                on_oom=free_device_memory,
+                splits=lambda error: not isinstance(error, PromptTooLongError),
             )
             for (work, index), outcome in zip(chunk, outcomes, strict=True):
+                ref = describe_ref(work.sample[self._config.image_key][index])
+                where = f"image {ref} ({self._config.image_key}[{index}])"
                 if not isinstance(outcome, Exception):
                     work.candidates[index] = outcome
+                elif is_out_of_memory(outcome):
+                    raise RuntimeError(
+                        f"{where}: out of memory on {captioner.info()['device']} with this one image alone, so no "
+                        "smaller call can caption it: use a device with more memory, a smaller torch_dtype, or "
+                        "max_input_pixels to bound the image's size"
+                    ) from outcome
                 elif work.error is None:
-                    ref = describe_ref(work.sample[self._config.image_key][index])
-                    work.error = (
-                        f"image {ref} ({self._config.image_key}[{index}]): captioning failed: "
-                        f"{type(outcome).__name__}: {outcome}"
-                    )
+                    work.error = f"{where}: captioning failed: {type(outcome).__name__}: {outcome}"
 
     def _generate(self, captioner, jobs: Sequence[tuple[Work, int]]) -> list[list[str]]:
         seeds = None
@@ -107,6 +120,12 @@ class CaptionDoFn(beam.DoFn):
         config, metrics = self._config, self._metrics
         images = failed = 0
         for work in call:
+            generated = []
+            if work.error is None and work.plan is not None:
+                try:  # the last part of the sample's isolation boundary: its generated copies
+                    generated = generated_samples(work, config)
+                except Exception as e:  # noqa: BLE001 - a sample that cannot be copied or rendered fails alone
+                    work.error = f"cannot make the generated samples: {type(e).__name__}: {e}"
             if work.error is not None:
                 failed += 1
                 metrics.samples_failed.inc()
@@ -127,7 +146,7 @@ class CaptionDoFn(beam.DoFn):
             images += n_images
             metrics.images_captioned.inc(n_images)
             metrics.captions_generated.inc(n_images * config.caption_num)
-            for generated in generated_samples(work, config):
+            for sample in generated:
                 metrics.generated_samples.inc()
-                yield placed(generated, work)  # the main output
+                yield placed(sample, work)  # the main output
         metrics.progress(len(call), images, failed)

@@ -1,15 +1,34 @@
-"""Reading image references into RGB images.
+"""Reading image references into RGB images, with every read bounded.
 
 A reference is raw ``bytes``, a local path, an ``http(s)://`` URL or any
 path a Beam filesystem understands (``gs://``, ``s3://``, ...). Every failure
 is raised as :class:`ImageLoadError`, whose message names the reference and
-the cause in plain words.
+the cause in plain words; nothing else escapes :func:`load_image`.
+
+Reads are bounded by construction, whatever the reference points at:
+
+- local paths are opened non-blocking and read only when the opened descriptor
+  is a regular file (a named pipe cannot block the worker, a device such as
+  ``/dev/zero`` is never read);
+- no source gives more than ``max_bytes`` bytes (local, Beam filesystem, URL);
+- a download has one deadline for the whole of it (connecting, headers and
+  body), not one per socket operation, so a server that trickles bytes cannot
+  hold the worker;
+- with ``image_root``, the check is made on what was actually opened (the
+  descriptor's own path), so swapping a folder for a symlink between a check
+  and the open cannot escape the root;
+- images declaring more than ``max_pixels`` pixels are refused from their
+  header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -19,9 +38,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from beamcap.paths import has_scheme
 
-_HTTP_TIMEOUT_SECS = 10.0
+DEFAULT_DOWNLOAD_TIMEOUT_SECS = 10.0
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20
 # Pillow's own decompression-bomb threshold (its default when a caller has set it to None).
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
+_CHUNK = 1 << 20
 
 
 class ImageLoadError(Exception):
@@ -41,14 +62,158 @@ def describe_ref(ref: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _mebibytes(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _read_bounded(stream: Any, ref: Any, max_bytes: int, deadline: float | None = None) -> bytes:
+    """At most ``max_bytes`` bytes from a binary stream; more is an error, and so is passing ``deadline``."""
+    chunks, total = [], 0
+    read = getattr(stream, "read1", stream.read)  # read1: one underlying read, so a trickle returns what it has
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ImageLoadError(ref, "cannot download: the download took longer than its time limit")
+        chunk = read(min(_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise ImageLoadError(ref, f"refused: larger than the max_image_bytes limit of {_mebibytes(max_bytes)}")
+
+
+# --- local files ----------------------------------------------------------------------------------------------
+
+
+def _opened_path(fd: int) -> str | None:
+    """The real path of an open descriptor (Linux /proc, macOS F_GETPATH), or None where the OS cannot tell."""
+    if sys.platform.startswith("linux"):
+        try:
+            return os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return None
+    getpath = getattr(__import__("fcntl"), "F_GETPATH", None) if os.name == "posix" else None
+    if getpath is not None:
+        import fcntl
+
+        return fcntl.fcntl(fd, getpath, b"\0" * 1024).rstrip(b"\0").decode(errors="surrogateescape")
+    return None
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "is a named pipe"),
+                       (stat.S_ISCHR, "is a character device"), (stat.S_ISBLK, "is a block device"),
+                       (stat.S_ISSOCK, "is a socket")):  # fmt: skip
+        if test(mode):
+            return name
+    return "is not a regular file"
+
+
+def read_local(ref: Any, path: str, max_bytes: int, root: str | None = None) -> bytes:
+    """The bytes of a local regular file, at most ``max_bytes``; with ``root``, only if what was opened is under it.
+
+    The file is opened non-blocking (a named pipe cannot block), then checked on the descriptor: a regular file
+    (never a device, pipe or directory), and under ``root``, resolved from the descriptor itself (race-free).
+    """
+    if "\0" in path:
+        raise ImageLoadError(ref, "the path contains a NUL character")
+    tried = "" if path == ref else f" ({path})"  # the path tried, where it is not the reference itself
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageLoadError(ref, f"file not found{tried}") from None
+    except PermissionError:
+        raise ImageLoadError(ref, f"permission denied{tried}") from None
+    except IsADirectoryError:
+        raise ImageLoadError(ref, f"is a directory, not an image file{tried}") from None
+    except (OSError, ValueError) as e:
+        raise ImageLoadError(ref, f"cannot open{tried}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        if root is not None:
+            opened = _opened_path(fd)
+            if opened is None:
+                raise ImageLoadError(
+                    ref, "refused: this OS cannot tell which file was opened, so image_root cannot hold"
+                )
+            if os.path.commonpath([root, opened]) != root:
+                raise ImageLoadError(ref, f"refused: the path resolves outside image_root {root!r}")
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageLoadError(ref, f"{_kind(mode)}, not an image file{tried}")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            return _read_bounded(f, ref, max_bytes)
+    except OSError as e:
+        raise ImageLoadError(ref, f"cannot read{tried}: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+# --- remote references ----------------------------------------------------------------------------------------
+
+
+def download(ref: Any, url: str, max_bytes: int, timeout: float) -> bytes:
+    """The body at ``url``: at most ``max_bytes``, and all of it within ``timeout`` seconds.
+
+    The download runs in a helper thread; when the time is up, the caller stops waiting, closes the connection
+    (which ends the helper's read) and fails the reference.
+    """
+    deadline = time.monotonic() + timeout
+    result: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme checked)
+                result["response"] = response
+                length = response.headers.get("Content-Length")
+                if length and length.isdigit() and int(length) > max_bytes:
+                    raise ImageLoadError(
+                        ref,
+                        f"refused: its {_mebibytes(int(length))} are over the max_image_bytes limit of "
+                        f"{_mebibytes(max_bytes)}",
+                    )
+                result["data"] = _read_bounded(response, ref, max_bytes, deadline)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+            result["error"] = e
+
+    helper = threading.Thread(target=fetch, name="beamcap-download", daemon=True)
+    helper.start()
+    helper.join(max(0.0, deadline - time.monotonic()))
+    if helper.is_alive():
+        response = result.get("response")
+        if response is not None:
+            response.close()
+        raise ImageLoadError(ref, f"cannot download: no complete answer within {timeout:g} s")
+    error = result.get("error")
+    if isinstance(error, ImageLoadError):
+        raise error
+    if error is not None:
+        raise ImageLoadError(ref, f"cannot download: {type(error).__name__}: {error}") from None
+    return result["data"]
+
+
+def read_filesystem(ref: Any, path: str, max_bytes: int) -> bytes:
+    """The bytes of a file on a Beam filesystem (``gs://``, ``s3://``, ...), at most ``max_bytes``."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path) as f:
+            return _read_bounded(f, ref, max_bytes)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # Beam filesystems raise many kinds of errors
+        raise ImageLoadError(ref, f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
 def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None = None) -> str:
     """The path or URL that ``ref`` names.
 
-    With ``image_root``, relative references resolve under it, and anything
-    that lands outside it (``..``, an absolute path elsewhere, a symlink
-    pointing out, a URL) is refused. Otherwise relative local references
-    resolve against ``base_dir`` when one is given (a local folder or any
-    Beam filesystem path), and everything else is used as it is.
+    With ``image_root``, relative references resolve under it, and remote references are refused (whether the
+    file opened is under the root is checked when it is opened). Otherwise relative local references resolve
+    against ``base_dir`` when one is given (a local folder or any Beam filesystem path), and everything else is
+    used as it is.
     """
     is_remote = has_scheme(ref)
     if image_root is not None:
@@ -56,21 +221,23 @@ def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None =
             raise ImageLoadError(
                 ref, f"refused: remote references are not allowed when image_root is set ({image_root!r})"
             )
-        root = os.path.realpath(image_root)
-        path = os.path.realpath(os.path.join(root, ref))
-        if os.path.commonpath([root, path]) != root:
-            raise ImageLoadError(ref, f"refused: the path resolves outside image_root {image_root!r}")
-        return path
+        return os.path.join(image_root, ref)
     if base_dir and not is_remote and not os.path.isabs(ref):
         return base_dir.rstrip("/") + "/" + ref if has_scheme(base_dir) else os.path.join(base_dir, ref)
     return ref
 
 
 def read_bytes(
-    ref: Any, image_root: str | None = None, base_dir: str | None = None, http_timeout: float = _HTTP_TIMEOUT_SECS
+    ref: Any,
+    image_root: str | None = None,
+    base_dir: str | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_SECS,
 ) -> bytes:
-    """The encoded bytes behind an image reference."""
+    """The encoded bytes behind an image reference, read within the bounds above."""
     if isinstance(ref, (bytes, bytearray, memoryview)):
+        if len(ref) > max_bytes:
+            raise ImageLoadError(ref, f"refused: larger than the max_image_bytes limit of {_mebibytes(max_bytes)}")
         return bytes(ref)
     if not isinstance(ref, str):
         raise ImageLoadError(ref, f"an image reference must be a path, URL or bytes, not {type(ref).__name__}")
@@ -78,30 +245,19 @@ def read_bytes(
         raise ImageLoadError(ref, "the image reference is an empty string")
     path = resolve_path(ref, image_root, base_dir)
     if path.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(path, timeout=http_timeout) as response:  # noqa: S310 (scheme checked)
-                return response.read()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise ImageLoadError(ref, f"cannot download: {e}") from e
+        return download(ref, path, max_bytes, download_timeout)
     if has_scheme(path):
-        from apache_beam.io.filesystems import FileSystems
-
+        return read_filesystem(ref, path, max_bytes)
+    root = None
+    if image_root is not None:
         try:
-            with FileSystems.open(path) as f:
-                return f.read()
-        except Exception as e:  # Beam filesystems raise many kinds of errors
-            raise ImageLoadError(ref, f"cannot read: {e}") from e
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ImageLoadError(ref, "file not found") from None
-    except PermissionError:
-        raise ImageLoadError(ref, "permission denied") from None
-    except IsADirectoryError:
-        raise ImageLoadError(ref, "is a directory, not an image file") from None
-    except OSError as e:
-        raise ImageLoadError(ref, f"cannot read: {e.strerror or e}") from e
+            root = os.path.realpath(image_root)
+        except (OSError, ValueError) as e:
+            raise ImageLoadError(ref, f"cannot resolve image_root {image_root!r}: {e}") from None
+    return read_local(ref, path, max_bytes, root)
+
+
+# --- decoding -------------------------------------------------------------------------------------------------
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -124,15 +280,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Decode encoded bytes into an RGB image: first frame, EXIF orientation applied.
+    """Decode encoded bytes into an RGB image: its first frame, EXIF orientation applied.
 
     With ``draft_size``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4,
     1/8) that keeps both sides at least ``draft_size`` pixels: much faster when
     the model's processor downsizes the image anyway. Images declaring more
     than ``max_pixels`` pixels are refused before their pixels are decoded, so
-    a decompression bomb cannot exhaust memory. Pillow's
-    own process-wide ``Image.MAX_IMAGE_PIXELS`` also applies: the effective
-    limit is the smaller of the two.
+    a decompression bomb cannot exhaust memory. Pillow's process-wide
+    ``Image.MAX_IMAGE_PIXELS`` also applies: the effective limit is the smaller
+    of the two. Only the first frame is read: the other frames of an animation
+    or a multi-page file are never touched.
+
+    Any error from the decoder (corrupt files raise many kinds) becomes an
+    :class:`ImageLoadError`.
     """
     if not data:
         raise ImageLoadError(ref, "the file is empty (0 bytes)")
@@ -145,8 +305,6 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
             raise ImageLoadError(
                 ref, f"refused: {width}x{height} pixels is over the max_image_pixels limit of {max_pixels}"
             )
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
         if draft_size and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
@@ -155,11 +313,13 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(ref, f"refused as a possible decompression bomb: {e}") from e
+        raise ImageLoadError(ref, f"refused as a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise ImageLoadError(ref, f"not a recognised image format ({len(data)} bytes)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageLoadError(ref, f"corrupt or truncated image: {e}") from e
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ImageLoadError(ref, f"corrupt or truncated image: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises anything (IndexError, struct.error, ...)
+        raise ImageLoadError(ref, f"corrupt or unsupported image: {type(e).__name__}: {e}") from None
 
 
 def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
@@ -178,7 +338,11 @@ def load_image(
     image_root: str | None = None,
     base_dir: str | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_SECS,
     draft_size: int | None = None,
 ) -> Image.Image:
-    """Read and decode one image reference into an RGB :class:`PIL.Image.Image`."""
-    return decode_image(read_bytes(ref, image_root, base_dir), ref, max_pixels, draft_size)
+    """Read and decode one image reference into an RGB :class:`PIL.Image.Image`; any failure is an
+    :class:`ImageLoadError`."""
+    data = read_bytes(ref, image_root, base_dir, max_bytes, download_timeout)
+    return decode_image(data, ref, max_pixels, draft_size)

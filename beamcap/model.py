@@ -30,6 +30,16 @@ _LOGGER = logging.getLogger(__name__)
 _LOAD_LOCK = threading.Lock()
 
 
+class PromptTooLongError(ValueError):
+    """A prompt the model's context cannot hold: no smaller call can cure it."""
+
+
+def context_length(model: Any) -> int | None:
+    """How many positions the text model embeds (None: no fixed limit, e.g. T5's relative positions)."""
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def _image_token_id(processor: Any) -> int | None:
     token = getattr(processor, "image_token", None)
     tokenizer = getattr(processor, "tokenizer", None)
@@ -84,6 +94,7 @@ class Captioner:
         self.dtype = next(self.model.parameters()).dtype
         self.shared_image_pass = shared_image_pass
         self.input_size = processor_input_size(family.image_processor)
+        self.context_length = context_length(self.model)
         self.load_secs = 0.0
         self._load_reported = False
         self._report_lock = threading.Lock()
@@ -138,12 +149,28 @@ class Captioner:
         other images of the call.
         """
         inputs = self.prepare(images, prompt)
+        length = max((inputs[k].shape[1] for k in ("input_ids", "decoder_input_ids") if k in inputs), default=0)
+        limit = self.context_length
+        if limit is not None and length > limit:
+            raise PromptTooLongError(
+                f"the prompt is {length} tokens (with its image tokens and template), longer than the model's "
+                f"context of {limit} positions: shorten the prompt"
+            )
         n = settings.get("num_return_sequences", 1)
         if seeds is not None and settings.get("do_sample") and settings.get("num_beams", 1) == 1:
             row_seeds = [derive_seed(seed, candidate) for seed in seeds for candidate in range(n)]
             settings = seeded_settings(self.model, settings, row_seeds)
-        with torch.inference_mode():
-            sequences = generate(self.family, inputs, settings, shared=self.shared_image_pass)
+        try:
+            with torch.inference_mode():
+                sequences = generate(self.family, inputs, settings, shared=self.shared_image_pass)
+        except IndexError as e:  # an embedding lookup past the last position
+            new = settings.get("max_new_tokens", 0)
+            if limit is None or length + new <= limit:
+                raise
+            raise PromptTooLongError(
+                f"generation ran past the model's context of {limit} positions (a {length}-token prompt plus up to "
+                f"{new} new tokens): lower max_new_tokens or shorten the prompt"
+            ) from e
         input_ids = inputs.get("input_ids")
         texts = self.family.decode(sequences, input_ids.shape[1] if input_ids is not None else 0)
         return [texts[i * n : (i + 1) * n] for i in range(len(images))]

@@ -10,7 +10,6 @@ again.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -23,6 +22,10 @@ from PIL import Image
 from beamcap.config import CaptionConfig
 from beamcap.dj_format import TextPlan, plan_text
 from beamcap.images import ImageLoadError, describe_ref, fit_pixels, load_image
+
+MAX_SAMPLE_DEPTH = 100
+"""Samples nested deeper than this (dicts and lists inside each other) are refused: copying or hashing them
+recursively could exhaust the stack."""
 
 
 class SampleError(Exception):
@@ -39,6 +42,7 @@ class Work:
         plan: what the text asks for (None: the sample is passed through, or it failed).
         prompt: the prompt of every image of the sample.
         error: why the sample cannot be captioned (None while it can).
+        key: a key for the sample that is the same in every process and run (set when ``seed`` is).
         images: the decoded images, by image index (filled by the DoFn).
         candidates: the caption candidates, by image index (filled by the DoFn).
     """
@@ -50,6 +54,7 @@ class Work:
     plan: TextPlan | None = None
     prompt: str | None = None
     error: str | None = None
+    key: str | None = None
     images: dict[int, Image.Image] = field(default_factory=dict)
     candidates: dict[int, list[str]] = field(default_factory=dict)
 
@@ -62,44 +67,90 @@ class Work:
         """How many images the sample sends to ``generate`` (at least 1): its weight in a batch."""
         return len(self.plan.image_indices) if self.needs_captions else 1
 
-    @functools.cached_property
-    def key(self) -> str:
-        """A key for the sample that is the same in every process and run."""
-        blob = json.dumps(self.sample, sort_keys=True, default=repr, ensure_ascii=False)
-        return hashlib.sha256(blob.encode()).hexdigest()
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deeply dicts, lists and tuples nest in ``value`` (a scalar is 0), counted without recursion and up to
+    ``limit + 1`` at most."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with every dict key a str (non-str keys typed and repr'd), so it sorts and serialises."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else f"<{type(k).__name__}>{k!r}": _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def sample_key(sample: Any) -> str:
+    """A key for ``sample`` that is the same in every process and run (a hash of its canonical JSON)."""
+    blob = json.dumps(_canonical(sample), sort_keys=True, default=repr, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def parse(sample: Any, config: CaptionConfig) -> Work:
-    """Validate a sample and work out which images it asks captions for, and with which prompt."""
+    """Validate a sample and work out which images it asks captions for, and with which prompt.
+
+    This is the first part of the sample's isolation boundary: whatever a sample holds, parsing it never raises;
+    a sample that cannot be parsed gets an error saying why.
+    """
     work = Work(sample)
+    try:
+        _parse_into(work, config)
+    except Exception as e:  # noqa: BLE001 - a sample can hold anything; it fails alone
+        work.plan, work.error = None, f"cannot parse the sample: {type(e).__name__}: {e}"
+    return work
+
+
+def _parse_into(work: Work, config: CaptionConfig) -> None:
+    sample = work.sample
     if not isinstance(sample, dict):
         work.error = f"the element is a {type(sample).__name__}, not a dict sample"
-        return work
+        return
+    if nesting_depth(sample, MAX_SAMPLE_DEPTH) > MAX_SAMPLE_DEPTH:
+        work.error = f"the sample is nested more than {MAX_SAMPLE_DEPTH} levels deep (dicts and lists)"
+        return
     text = sample.get(config.text_key)
     if not isinstance(text, str):
         what = "has no" if config.text_key not in sample else f"has a {type(text).__name__} in its"
         work.error = f"the sample {what} {config.text_key!r} field (a str is needed)"
-        return work
+        return
     images = sample.get(config.image_key)
     if images is None or (isinstance(images, (list, tuple)) and not images):
-        return work  # no images: original only
+        return  # no images: original only
     if not isinstance(images, (list, tuple)):
         work.error = (
-            f"the sample's {config.image_key!r} field must be a list of image references, got {type(images).__name__}"
+            f"the sample's {config.image_key!r} field must be a list of image references, "
+            f"got {type(images).__name__} {describe_ref(images)}"
         )
-        return work
+        return
     plan = plan_text(text, config.special_tokens)
     if plan.num_image_tokens == 0:
-        return work  # images but no image token: original only (docs/behaviour.md)
+        return  # images but no image token: original only (docs/behaviour.md)
     if plan.num_image_tokens > len(images):
         work.error = (
             f"the text has {plan.num_image_tokens} {config.image_token} tokens but the sample has only "
             f"{len(images)} images ({config.image_key}=[{', '.join(describe_ref(r) for r in images)}])"
         )
-        return work
-    work.plan = plan
-    work.prompt = config.prompt_for(sample)
-    return work
+        return
+    prompt = config.prompt_for(sample)
+    if config.seed is not None:
+        work.key = sample_key(sample)
+    work.plan, work.prompt = plan, prompt
 
 
 def parse_placed(
@@ -127,7 +178,10 @@ def placed(value: Any, work: Work) -> WindowedValue:
 
 
 def load_images(work: Work, config: CaptionConfig, draft_size: int | None) -> None:
-    """Read and decode the images ``work`` asks captions for; on the first failure, set ``work.error``."""
+    """Read and decode the images ``work`` asks captions for; on the first failure, set ``work.error``.
+
+    The second part of the sample's isolation boundary: nothing a reference points at makes this raise.
+    """
     refs = work.sample[config.image_key]
     loaded: dict[Any, Image.Image] = {}
     for index in work.plan.image_indices:
@@ -140,9 +194,15 @@ def load_images(work: Work, config: CaptionConfig, draft_size: int | None) -> No
                     image_root=config.image_root,
                     base_dir=config.image_base_dir,
                     max_pixels=config.max_image_pixels,
+                    max_bytes=config.max_image_bytes,
+                    download_timeout=config.download_timeout_secs,
                     draft_size=draft_size,
                 )
+            work.images[index] = fit_pixels(loaded[key], config.max_input_pixels)
         except ImageLoadError as e:
             work.error = f"{e} ({config.image_key}[{index}])"
+        except Exception as e:  # noqa: BLE001 - whatever else goes wrong with one image fails its sample alone
+            work.error = f"image {describe_ref(ref)} ({config.image_key}[{index}]): {type(e).__name__}: {e}"
+        if work.error is not None:
+            work.images.clear()
             return
-        work.images[index] = fit_pixels(loaded[key], config.max_input_pixels)

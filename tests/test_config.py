@@ -156,9 +156,7 @@ def test_the_readme_table_is_the_declarations():
     from beamcap.config import markdown_table
 
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
-    assert markdown_table() in readme, (
-        "README.md's parameter table drifted: run python -m beamcap.config --readme README.md"
-    )
+    assert markdown_table() in readme, "README.md's parameter table drifted: run python -m beamcap.readme README.md"
 
 
 def test_the_transform_docstring_lists_every_parameter():

@@ -208,17 +208,17 @@ def test_out_of_memory_halves_the_call_until_it_fits(blip_dir, image_dir, monkey
     assert canonical(outputs["generated"]) == canonical(expected["generated"])
 
 
-def test_an_image_that_never_fits_fails_alone(blip_dir, image_dir, tmp_path, monkeypatch):
+def test_an_image_that_runs_out_of_memory_alone_fails_the_bundle_loudly(blip_dir, image_dir, tmp_path, monkeypatch):
+    """Halving down to one image that still does not fit is the device's limit, not the sample's fault: the bundle
+    fails (as a model that cannot load does), with a message naming the image and what to change."""
     Image.new("RGB", (77, 20), "blue").save(tmp_path / "huge.png")
     samples = [{"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]} for i in range(5)]
     samples.insert(2, {"id": "big", "text": IMG, "images": [str(tmp_path / "huge.png")]})
     config = CaptionConfig(blip_dir, gpu_batch_size=8, do_sample=False, **FAST)
     injector = _OOMInjector(limit=8, poisoned_width=77)
-    outputs = process(_dofn_with(config, injector, monkeypatch), config, samples)
-    failed = outputs["failed"]
-    assert len(failed) == 1 and failed[0]["sample"]["id"] == "big"
-    assert "huge.png" in failed[0]["error"] and "OutOfMemoryError" in failed[0]["error"]
-    assert len(outputs["generated"]) == 5
+    with pytest.raises(RuntimeError, match="huge.png.*out of memory on cpu with this one image alone") as e:
+        process(_dofn_with(config, injector, monkeypatch), config, samples)
+    assert isinstance(e.value.__cause__, torch.cuda.OutOfMemoryError)
 
 
 def test_many_threads_share_one_model(blip_dir, image_dir):
@@ -242,7 +242,7 @@ def test_many_threads_share_one_model(blip_dir, image_dir):
 
 
 def _open_denying(path_suffix):
-    real_open = open
+    real_open = os.open
 
     def guarded(path, *args, **kwargs):
         if str(path).endswith(path_suffix):
@@ -253,11 +253,9 @@ def _open_denying(path_suffix):
 
 
 def test_unreadable_file_fails_alone_even_as_root(blip_dir, image_dir, tmp_path, monkeypatch, clean):
-    """Root reads mode-000 files, so CI (root) cannot make one; the OS error is raised at open() instead."""
-    import beamcap.images
-
+    """Root reads mode-000 files, so CI (root) cannot make one; the OS error is raised at os.open() instead."""
     Image.new("RGB", (8, 8)).save(tmp_path / "locked.jpg")
-    monkeypatch.setattr(beamcap.images, "open", _open_denying("locked.jpg"), raising=False)
+    monkeypatch.setattr(os, "open", _open_denying("locked.jpg"))
     good = good_samples(image_dir)
     bad = {"text": IMG, "images": [str(tmp_path / "locked.jpg")]}
     with TestPipeline() as p:

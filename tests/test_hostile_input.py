@@ -1,0 +1,372 @@
+"""Hostile input: no file, path, URL or sample can crash, hang or exhaust a job.
+
+The invariant every case checks: each input sample ends in ``good`` or in ``failed`` with a clear reason, its
+batch-mates are captioned as without it, memory stays bounded and the job ends in bounded time.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import random
+import shutil
+import socketserver
+import threading
+import time
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import BeamAssertException, assert_that
+from helpers import IMG, canonical, run_dofn, same_elements
+from PIL import Image
+
+from beamcap import CaptionConfig, CaptionImages
+from beamcap.images import ImageLoadError, decode_image, load_image, read_bytes
+
+FAST = dict(max_new_tokens=3, do_sample=False)
+
+
+def encoded(fmt: str, **kwargs) -> bytes:
+    """A small real file in ``fmt``; GIF and TIFF with three frames / pages."""
+    rng = random.Random(fmt)
+    frames = []
+    for i in range(3):
+        table = [(v + rng.randint(0, 80)) % 256 for v in range(256)] * 3
+        frames.append(Image.effect_noise((40, 30), 30 + 20 * i).convert("RGB").point(table))
+    buf = io.BytesIO()
+    if fmt in ("GIF", "TIFF"):
+        frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], **kwargs)
+    else:
+        frames[0].save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+FORMATS = {"JPEG": {}, "PNG": {}, "GIF": {}, "TIFF": {"compression": "tiff_deflate"}, "WEBP": {}}
+
+
+def mutations(data: bytes, n: int, seed: int) -> list[bytes]:
+    """``n`` corruptions of ``data``: truncations at every kind of point, and one to eight flipped bytes."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            out.append(data[: rng.randrange(1, len(data))])
+        else:
+            buf = bytearray(data)
+            for _ in range(rng.randint(1, 8)):
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+            out.append(bytes(buf))
+    return out
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_fuzzed_files_only_ever_raise_image_load_error(fmt):
+    """600 corruptions per format (3,000 in all): the decoder gives an RGB image or an ImageLoadError, never
+    anything else, and never decodes more than max_pixels."""
+    data = encoded(fmt, **FORMATS[fmt])
+    assert decode_image(data, "good", max_pixels=10_000).mode == "RGB"
+    outcomes = {"decoded": 0, "refused": 0}
+    for i, mutated in enumerate(mutations(data, 600, seed=hash(fmt) % 1000)):
+        try:
+            image = decode_image(mutated, f"m{i}", max_pixels=1_000_000)
+        except ImageLoadError as e:
+            assert str(e).startswith(f"image 'm{i}': "), e
+            outcomes["refused"] += 1
+        else:
+            assert image.mode == "RGB" and image.width * image.height <= 1_000_000
+            outcomes["decoded"] += 1
+    assert outcomes["refused"] > 100, outcomes  # the corruptions do reach the decoder's error paths
+
+
+def accounted(samples: list, config: dict):
+    """Matcher for (good, failed) flattened with tags: every sample comes out once, as original or as failure."""
+    ids = sorted(s["id"] for s in samples)
+
+    def check(tagged):
+        seen = sorted(sample_id for tag, sample_id in tagged if tag in ("original", "failed"))
+        if seen != ids:
+            raise BeamAssertException(f"samples not accounted for exactly once: {seen} != {ids}")
+
+    return check
+
+
+def _tag_good(sample):
+    return ("original" if sample["text"] == sample["_orig"] else "generated", sample["id"])
+
+
+def _tag_failed(record):
+    return ("failed", record["sample"]["id"])
+
+
+def test_fuzzed_files_through_the_transform_every_sample_accounted(blip_dir, image_dir, tmp_path):
+    """Corrupt files of every format, each beside good samples in the same batches: all accounted for, and the
+    good samples come out as they do alone."""
+    good = [{"id": f"g{i}", "text": IMG, "images": [str(image_dir / f"{c}.jpg")]} for i, c in enumerate(COLOURS)]
+    bad = []
+    for fmt, kwargs in FORMATS.items():
+        for i, mutated in enumerate(mutations(encoded(fmt, **kwargs), 12, seed=7)):
+            path = tmp_path / f"{fmt}-{i}.img"
+            path.write_bytes(mutated)
+            bad.append({"id": f"{fmt}-{i}", "text": IMG, "images": [str(path)]})
+    samples = [dict(s, _orig=s["text"]) for s in good + bad]
+    random.Random(1).shuffle(samples)
+    clean = run_dofn(CaptionConfig(blip_dir, **FAST), [dict(s, _orig=s["text"]) for s in good])
+    with TestPipeline() as p:
+        result = p | beam.Create(samples) | CaptionImages(blip_dir, gpu_batch_size=4, **FAST).with_exception_handling()
+        tagged = (
+            result.good | "TagGood" >> beam.Map(_tag_good),
+            result.failed | "TagFailed" >> beam.Map(_tag_failed),
+        ) | beam.Flatten()
+        assert_that(tagged, accounted(samples, {}), label="accounted")
+        good_out = result.good | beam.Filter(lambda s: s["id"].startswith("g"))
+        assert_that(good_out, same_elements(clean["generated"] + clean["original"]), label="good unchanged")
+
+
+COLOURS = ("red", "green", "blue")
+
+
+# --- paths that are not regular files ---------------------------------------------------------------------------
+
+
+def test_a_named_pipe_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(ImageLoadError, match="is a named pipe, not an image file"):
+        load_image(str(fifo))
+    with pytest.raises(ImageLoadError, match="is a named pipe"):
+        load_image("pipe.jpg", image_root=str(tmp_path))
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_a_device_is_never_read(tmp_path, device):
+    with pytest.raises(ImageLoadError, match="is a character device, not an image file"):
+        read_bytes(device)
+    os.symlink(device, tmp_path / "dev.jpg")
+    with pytest.raises(ImageLoadError, match="refused: the path resolves outside image_root"):
+        read_bytes("dev.jpg", image_root=str(tmp_path))
+
+
+def test_no_source_gives_more_than_max_image_bytes(tmp_path):
+    (tmp_path / "big.png").write_bytes(encoded("PNG") + b"\0" * 5000)
+    with pytest.raises(ImageLoadError, match="larger than the max_image_bytes limit of 4096 bytes"):
+        read_bytes(str(tmp_path / "big.png"), max_bytes=4096)
+    with pytest.raises(ImageLoadError, match="larger than the max_image_bytes limit"):
+        read_bytes(b"\0" * 5000, max_bytes=4096)
+    assert len(read_bytes(str(tmp_path / "big.png"))) > 5000
+
+
+@pytest.mark.parametrize("ref", ["a\0b.jpg", "/tmp/x\0.png"])
+def test_a_path_with_a_nul_character_fails_alone(ref, tmp_path):
+    with pytest.raises(ImageLoadError, match="NUL character"):
+        read_bytes(ref)
+    with pytest.raises(ImageLoadError, match="NUL character"):
+        read_bytes(ref.lstrip("/"), image_root=str(tmp_path))
+
+
+# --- remote reads ----------------------------------------------------------------------------------------------
+
+
+class _Hostile(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 - the http.server API
+        stop = self.server.stop
+        if self.path == "/endless":  # a body that never ends
+            self.send_response(200)
+            self.end_headers()
+            while not stop.is_set():
+                try:
+                    self.wfile.write(b"\xff" * 65536)
+                except OSError:
+                    return
+        elif self.path == "/drip":  # a byte every 0.3 s, for ever
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not stop.wait(0.3):
+                try:
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+                except OSError:
+                    return
+        elif self.path == "/huge":  # says so up front
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 << 30))
+            self.end_headers()
+        elif self.path == "/slow-headers":  # never finishes its headers
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self.wfile.flush()
+            stop.wait(30)
+        else:
+            body = encoded("PNG")
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), _Hostile)
+    server.stop = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_good_download(hostile_server):
+    assert load_image(f"{hostile_server}/ok.png").mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("/endless", "larger than the max_image_bytes limit of 1 MiB"),
+        ("/drip", "within 2 s"),
+        ("/huge", "over the max_image_bytes limit"),
+        ("/slow-headers", "within 2 s"),
+    ],
+)
+def test_a_hostile_server_cannot_hold_or_flood_the_worker(hostile_server, path, reason):
+    start = time.monotonic()
+    with pytest.raises(ImageLoadError, match=reason):
+        read_bytes(f"{hostile_server}{path}", max_bytes=1 << 20, download_timeout=2)
+    assert time.monotonic() - start < 4  # the deadline is for the whole download, not per socket read
+
+
+# --- image_root under races ------------------------------------------------------------------------------------
+
+
+def test_image_root_holds_while_a_folder_is_swapped_for_a_symlink(tmp_path):
+    """A thread inside the root swaps ``sub`` between a real folder and a symlink to a folder outside, as fast as
+    it can, while the reader reads ``sub/x.png``: every read is the inside file or a refusal, never the outside
+    file, and nothing but ImageLoadError escapes."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    inside_bytes, outside_bytes = encoded("PNG"), encoded("GIF")
+    (outside / "x.png").write_bytes(outside_bytes)
+    real, link = root / "real", root / "link"
+    real.mkdir()
+    (real / "x.png").write_bytes(inside_bytes)
+    os.symlink(outside, link)
+    stop = threading.Event()
+
+    def swap():
+        sub = root / "sub"
+        while not stop.is_set():
+            for target in (real, link):
+                tmp = root / "sub.tmp"
+                if target is link:
+                    os.symlink(outside, tmp)
+                else:
+                    os.symlink(real, tmp)  # a symlink inside the root is allowed
+                os.replace(tmp, sub)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    reads = {"inside": 0, "refused": 0, "missing": 0}
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                data = read_bytes("sub/x.png", image_root=str(root))
+            except ImageLoadError as e:
+                key = "refused" if "outside image_root" in str(e) else "missing"
+                reads[key] += 1
+                continue
+            assert data != outside_bytes, "read a file outside image_root"
+            assert data == inside_bytes
+            reads["inside"] += 1
+    finally:
+        stop.set()
+        swapper.join()
+        shutil.rmtree(root)
+    assert reads["inside"] > 0 and reads["refused"] > 0, reads
+
+
+# --- samples themselves ----------------------------------------------------------------------------------------
+
+
+def nested(depth: int):
+    value: object = "leaf"
+    for i in range(depth):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+def test_deeply_nested_and_odd_samples_fail_alone_or_pass(blip_dir, image_dir):
+    img = str(image_dir / "red.jpg")
+    samples = [
+        {"id": "deep", "text": IMG, "images": [img], "extra": nested(500)},
+        {"id": "deep-but-ok", "text": IMG, "images": [img], "extra": nested(50)},
+        {"id": "int-key", "text": IMG, "images": [img], 3: "an int key"},
+        {"id": "images-str", "text": IMG, "images": "red.jpg"},
+        {"id": "uncopyable", "text": IMG, "images": [img], "lock": threading.Lock()},
+        {"id": "good", "text": IMG, "images": [img]},
+    ]
+    out = run_dofn(CaptionConfig(blip_dir, seed=3, caption_num=2, **{**FAST, "do_sample": True}), samples, 6)
+    failed = {f["sample"]["id"]: f["error"] for f in out["failed"]}
+    assert set(failed) == {"deep", "images-str", "uncopyable"}, failed
+    assert "nested more than 100 levels deep" in failed["deep"]
+    assert "must be a list of image references, got str 'red.jpg'" in failed["images-str"]
+    assert "cannot make the generated samples: TypeError" in failed["uncopyable"]
+    assert sorted(o["id"] for o in out["original"]) == ["deep-but-ok", "good", "int-key"]
+    assert sorted(g["id"] for g in out["generated"]) == ["deep-but-ok", "good", "int-key"]
+
+
+def test_a_prompt_longer_than_the_context_says_so_and_fails_its_samples_alone(blip_dir, image_dir, monkeypatch):
+    from beamcap.model import Captioner
+
+    calls = []
+    real = Captioner.caption
+    monkeypatch.setattr(Captioner, "caption", lambda c, *a: (calls.append(len(a[0])), real(c, *a))[1])
+    img = str(image_dir / "red.jpg")
+    samples = [{"id": i, "text": IMG, "images": [img], "p": "cat " * 300 if i < 4 else None} for i in range(6)]
+    out = run_dofn(CaptionConfig(blip_dir, prompt_key="p", gpu_batch_size=4, **FAST), samples, 6)
+    assert sorted(f["sample"]["id"] for f in out["failed"]) == [0, 1, 2, 3]
+    assert all("longer than the model's context of 128 positions" in f["error"] for f in out["failed"])
+    assert len(out["generated"]) == 2
+    assert calls == [4, 2]  # the long prompt's call is not retried in halves: no smaller call can cure it
+
+
+def test_every_sample_is_accounted_for_whatever_it_is(blip_dir, image_dir, tmp_path):
+    """A mixed bag through the transform: each sample comes out once, as original or as failure."""
+    os.mkfifo(tmp_path / "fifo.png")
+    img = str(image_dir / "red.jpg")
+    bag = [
+        {"text": IMG, "images": [str(tmp_path / "fifo.png")]},
+        {"text": IMG, "images": ["/dev/zero"]},
+        {"text": IMG, "images": ["a\0b.png"]},
+        {"text": IMG, "images": [img], "extra": nested(300)},
+        {"text": IMG, "images": [img], 7: "int key"},
+        {"text": IMG, "images": [{"not": "a ref"}]},
+        {"text": IMG, "images": [img]},
+    ]
+    samples = [dict(s, id=i, _orig=s["text"]) for i, s in enumerate(bag)]
+    with TestPipeline() as p:
+        result = p | beam.Create(samples) | CaptionImages(blip_dir, seed=1, **FAST).with_exception_handling()
+        tagged = (
+            result.good | "TagGood" >> beam.Map(_tag_good),
+            result.failed | "TagFailed" >> beam.Map(_tag_failed),
+        ) | beam.Flatten()
+        assert_that(tagged, accounted(samples, {}))
+
+
+def test_outputs_are_the_same_with_hostile_batch_mates(blip_dir, image_dir):
+    good = [{"id": c, "text": IMG, "images": [str(image_dir / f"{c}.jpg")]} for c in COLOURS]
+    alone = run_dofn(CaptionConfig(blip_dir, **FAST), good, 3)
+    mixed = run_dofn(CaptionConfig(blip_dir, **FAST), [good[0], {"text": IMG, "images": ["/dev/zero"]}, *good[1:]], 4)
+    assert canonical(mixed["generated"]) == canonical(alone["generated"])
+    assert len(mixed["failed"]) == 1
