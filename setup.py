@@ -25,5 +25,5 @@ setup(
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         "dev": ["pytest", "ruff"],
     },
-    entry_points={"console_scripts": ["beamcap-caption=pipelines.caption:main"]},
+    entry_points={"console_scripts": ["beamcap-caption=pipelines.cli:main"]},
 )

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -382,8 +383,9 @@ class Parameter:
     @property
     def value_type(self) -> type:
         """The type a non-None value has (``int`` for ``int | None``)."""
-        args = [a for a in typing.get_args(self.type) if a is not type(None)]
-        base = args[0] if args else self.type
+        base = self.type
+        if typing.get_origin(base) in (typing.Union, types.UnionType):
+            base = next(a for a in typing.get_args(base) if a is not type(None))
         return typing.get_origin(base) or base
 
     @property

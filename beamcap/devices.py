@@ -12,6 +12,12 @@ import torch
 def resolve_device(requested: str | None) -> torch.device:
     """``requested``, or ``cuda`` when a GPU is visible, else ``cpu``."""
     if requested is not None:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {requested!r} was asked for, but torch sees no CUDA device on this worker (torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}): leave device unset to use the CPU, "
+                "or run on GPU workers"
+            )
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -24,7 +24,7 @@ from beamcap.families import Family, family_for
 from beamcap.generation import generate
 from beamcap.sampling import seeded_settings
 from beamcap.seeding import derive_seed
-from beamcap.sources import resolve_model_path
+from beamcap.sources import check_model_source, resolve_model_path
 
 _LOGGER = logging.getLogger(__name__)
 _LOAD_LOCK = threading.Lock()
@@ -180,6 +180,7 @@ def load_captioner(config: CaptionConfig) -> Captioner:
     """Load processors and model for ``config`` onto the resolved device."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    check_model_source(config.hf_img2seq)
     path = resolve_model_path(config.hf_img2seq)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.torch_dtype, device)

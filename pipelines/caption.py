@@ -1,47 +1,139 @@
-"""The captioning job: Data-Juicer JSONL in, captioned JSONL out.
+"""The captioning job: Data-Juicer JSONL (or Parquet) in, captioned JSONL (or Parquet) out.
 
-    beamcap-caption --input data/*.jsonl --output out/captioned \\
-        --hf_img2seq beamcap-demo --failed_output out/failed [Beam pipeline options]
+    beamcap-caption --input 'data/*.jsonl' --output out/captioned --hf_img2seq beamcap-demo \\
+        --failed_output out/failed [Beam pipeline options]
 
-Relative image paths resolve against the input's folder unless
-``--image_base_dir`` or ``--image_root`` says otherwise. Without
-``--failed_output`` the job fails on the first sample that cannot be captioned.
+Relative image paths resolve against the input's folder unless --image_base_dir
+or --image_root says otherwise. Without --failed_output the job stops at the
+first sample that cannot be captioned. Every local path is made absolute here,
+on the launcher, so that workers in any folder read and write the same files.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
+import math
+import os
+import re
+import shutil
 import time
+import traceback
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
+from beamcap.config import CaptionConfig, parameters
 from beamcap.metrics import METRICS_NAMESPACE
+from beamcap.paths import has_scheme
+from beamcap.samples import SampleError
 from beamcap.transform import CaptionImages
-from pipelines.options import add_caption_arguments, config_from_args
+from pipelines.options import UserError, add_caption_arguments, check_beam_arguments, config_from_args, make_parser
+from pipelines.preflight import check_device, check_inputs, check_model
 from pipelines.recipe import load_recipe
 
 _LOGGER = logging.getLogger(__name__)
+LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+"""The runner used when none is named: the in-process runner DirectRunner runs batch jobs on, named directly so
+that Beam does not first try to download its Prism runner binary (which fails offline)."""
 
 
 class ParseJsonLine(beam.DoFn):
-    """JSON lines to samples; a line that is not JSON goes to ``failed`` with the reason."""
+    """Numbered JSONL lines to samples; a line that is not valid UTF-8, strict JSON or Unicode goes to ``failed``
+    with its file, line number and the reason (its bytes escaped where they are not UTF-8)."""
 
     FAILED = "failed"
 
-    def process(self, line: str):
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError as e:
-            yield beam.pvalue.TaggedOutput(self.FAILED, {"sample": line, "error": f"invalid JSON line: {e}"})
+    def __init__(self):
+        self._lines_read = Metrics.counter(METRICS_NAMESPACE, "lines_read")
+        self._lines_unparseable = Metrics.counter(METRICS_NAMESPACE, "lines_unparseable")
+
+    def process(self, numbered: tuple[str, int, bytes]):
+        path, number, raw = numbered
+        self._lines_read.inc()
+        sample, problem = parse_json_line(raw)
+        if problem is None:
+            yield sample
+            return
+        self._lines_unparseable.inc()
+        yield beam.pvalue.TaggedOutput(self.FAILED, {"sample": sample, "error": f"{path}:{number}: {problem}"})
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid in strict JSON")
+
+
+def parse_json_line(raw: bytes) -> tuple[Any, str | None]:
+    """(the sample, None), or (the line as text, what is wrong with it)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return raw.decode("utf-8", "backslashreplace"), f"not valid UTF-8 (byte {e.start}: {raw[e.start : e.end]!r})"
+    try:
+        sample = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        return text, "invalid JSON: nested too deeply to parse"
+    except json.JSONDecodeError as e:
+        return text, f"invalid JSON: {e.msg} (column {e.colno})"
+    except ValueError as e:
+        return text, f"invalid JSON: {e}"
+    surrogate = _lone_surrogate(sample)
+    if surrogate is not None:
+        return text, f"holds a lone surrogate ({surrogate!r}), which is not valid Unicode"
+    return sample, None
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in ``value`` that cannot be encoded as UTF-8, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return item[e.start : e.end]
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def numbered_lines(file: fileio.ReadableFile):
+    """(path, line number, line bytes) for each non-blank line of a matched file (compressed files too)."""
+    path = file.metadata.path
+    with file.open() as f:
+        for number, raw in enumerate(iter(f.readline, b""), 1):
+            line = raw.rstrip(b"\r\n")
+            if line.strip():
+                yield path, number, line
 
 
 def to_json_line(element: Any) -> str:
-    return json.dumps(element, ensure_ascii=False, default=_json_default)
+    """Strict JSON (no NaN or Infinity: they become null), UTF-8 text kept as it is."""
+    try:
+        return json.dumps(element, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:
+        return json.dumps(_finite(element), ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -61,19 +153,48 @@ def input_folder(pattern: str) -> str:
     return folder or ("/" if pattern.startswith("/") else ".")
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute against the launcher's folder (workers run in other folders); others as given."""
+    if path is None or has_scheme(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """The job's arguments (a recipe's settings as defaults that flags override), and Beam's."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The job's arguments (a recipe's settings as defaults that flags override), and Beam's (checked)."""
+    parser = make_parser("beamcap-caption", __doc__)
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", help="JSONL or Parquet file(s): a path or glob, local or gs://, s3://, ...")
-    io.add_argument("--output", help="output path prefix (or, with --recipe, the recipe's export_path file)")
-    io.add_argument("--output_format", choices=["jsonl", "parquet"], default=None, help="default: from --output")
-    io.add_argument("--failed_output", default=None, help="path prefix for failed samples (JSONL with the reason)")
-    io.add_argument("--num_shards", type=int, default=0, help="output files (0: the runner decides)")
+    io.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="JSONL or Parquet files: paths or quoted globs ('data/*.jsonl'), local or gs://, s3://, ... "
+        "(required, unless --recipe gives dataset_path)",
+    )
+    io.add_argument(
+        "--output",
+        metavar="PREFIX",
+        help="output path prefix; with --recipe, its export_path is the one output file "
+        "(required, unless --recipe gives export_path)",
+    )
+    io.add_argument(
+        "--output_format", choices=["jsonl", "parquet"], default=None, help="default: parquet when --output ends in "
+        ".parquet, else jsonl",
+    )  # fmt: skip
+    io.add_argument(
+        "--failed_output",
+        default=None,
+        metavar="PREFIX",
+        help="write samples that cannot be captioned, and lines that are not JSON, here (JSONL with the reason) "
+        "and go on; without it the job stops at the first one (default: %(default)s)",
+    )
+    io.add_argument("--num_shards", type=int, default=0, help="output files (default: 0, the runner decides)")
     io.add_argument("--recipe", default=None, help="a Data-Juicer recipe (YAML) with an image_captioning_mapper")
     io.add_argument("--skip_other_ops", action="store_true", help="with --recipe: run only the captioning op")
+    io.add_argument("--verbose", action="store_true", help="Beam's and the libraries' logs, and tracebacks")
     add_caption_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
+    check_beam_arguments(parser, beam_args)
     output_from_flag = args.output is not None
     if args.recipe:
         parser.set_defaults(**load_recipe(args.recipe, args.skip_other_ops))
@@ -81,44 +202,73 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     # A recipe's export_path is one file, as Data-Juicer writes it; an --output flag is a prefix.
     args.single_file = bool(args.recipe) and not output_from_flag and args.num_shards == 0
     if not args.input or not args.output:
-        parser.error("--input and --output are required (or a --recipe with dataset_path and export_path)")
+        raise UserError("--input and --output are required (or a --recipe with dataset_path and export_path)")
+    if isinstance(args.input, str):  # from a recipe
+        args.input = [args.input]
     if args.output_format is None:
         args.output_format = "parquet" if args.output.endswith(".parquet") else "jsonl"
     return args, beam_args
+
+
+def resolve_paths(args: argparse.Namespace) -> None:
+    """Every local path made absolute on the launcher, and the folder relative image paths resolve against."""
+    args.input = [absolute(p) for p in args.input]
+    for name in ("output", "failed_output", "image_root", "image_base_dir"):
+        setattr(args, name, absolute(getattr(args, name)))
+    if not has_scheme(args.hf_img2seq) and os.path.exists(os.path.expanduser(args.hf_img2seq)):
+        args.hf_img2seq = absolute(args.hf_img2seq)
+    if args.image_root is None and args.image_base_dir is None:
+        folders = sorted({input_folder(p) for p in args.input})
+        if len(folders) > 1:
+            raise UserError(
+                f"the inputs are in different folders ({', '.join(folders)}), so relative image paths are "
+                "ambiguous (pass --image_base_dir, the folder they are relative to)"
+            )
+        args.image_base_dir = folders[0]
 
 
 def _is_parquet(path: str) -> bool:
     return path.endswith(".parquet")
 
 
-def parquet_schema(input_pattern: str):
+def parquet_schema(inputs: list[str]):
     """The schema for Parquet output: the input's (Parquet) or that of its first JSON lines."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
 
-    (first, *_) = FileSystems.match([input_pattern])[0].metadata_list
+    (first, *_) = FileSystems.match([inputs[0]])[0].metadata_list
     with FileSystems.open(first.path) as f:
-        if _is_parquet(input_pattern):
+        if _is_parquet(inputs[0]):
             return pq.read_schema(pa.BufferReader(f.read()))
         rows = [json.loads(line) for line in f.read().decode("utf-8").splitlines()[:200] if line.strip()]
     return pa.Table.from_pylist(rows).schema
 
 
-def read_samples(pipeline: beam.Pipeline, args: argparse.Namespace):
+def read_samples(pipeline: beam.Pipeline, inputs: list[str]):
     """(samples, unparseable lines as failure records or None)."""
-    if _is_parquet(args.input):
-        return pipeline | "ReadParquet" >> beam.io.ReadFromParquet(args.input), None
+    if all(_is_parquet(p) for p in inputs):
+        return pipeline | "Inputs" >> beam.Create(inputs) | "ReadParquet" >> beam.io.ReadAllFromParquet(), None
     parsed = (
         pipeline
-        | "ReadJsonl" >> beam.io.ReadFromText(args.input)
+        | "Inputs" >> beam.Create(inputs)
+        | "MatchFiles" >> fileio.MatchAll()
+        | "ReadMatches" >> fileio.ReadMatches()
+        | "NumberLines" >> beam.FlatMap(numbered_lines)
+        | "Spread" >> beam.Reshuffle()
         | "ParseJson" >> beam.ParDo(ParseJsonLine()).with_outputs(ParseJsonLine.FAILED, main="samples")
     )
     return parsed.samples, parsed[ParseJsonLine.FAILED]
 
 
+def _count(element: Any, counter) -> Any:
+    counter.inc()
+    return element
+
+
 def write_records(records, path: str, num_shards: int, single_file: bool, schema=None, label: str = "Write"):
     """JSONL (or Parquet with ``schema``) files at the prefix ``path``; with ``single_file``, exactly ``path``."""
+    counter = Metrics.counter(METRICS_NAMESPACE, "failures_written" if label == "WriteFailed" else "records_written")
+    records = records | f"{label}Count" >> beam.Map(_count, counter)
     naming = {"shard_name_template": "", "file_name_suffix": ""} if single_file else {}
     if schema is not None:
         naming = {"file_name_suffix": ".parquet", **naming}
@@ -131,32 +281,36 @@ def write_records(records, path: str, num_shards: int, single_file: bool, schema
     )
 
 
-def build(pipeline: beam.Pipeline, args: argparse.Namespace) -> None:
+def _stop_at(record: dict) -> None:
+    raise SampleError(f"{record['error']} (use --failed_output PATH to write such samples to a file and go on)")
+
+
+def build(pipeline: beam.Pipeline, args: argparse.Namespace, config: CaptionConfig) -> None:
     """Add the job's steps to ``pipeline``."""
-    base_dir = None if args.image_root else (args.image_base_dir or input_folder(args.input))
-    transform = CaptionImages.from_config(config_from_args(args, image_base_dir=base_dir))
     schema = parquet_schema(args.input) if args.output_format == "parquet" else None
-    samples, bad_lines = read_samples(pipeline, args)
+    samples, bad_lines = read_samples(pipeline, args.input)
+    good, failed = samples | "CaptionImages" >> CaptionImages.from_config(config).with_exception_handling()
+    if bad_lines is not None:
+        failed = (failed, bad_lines) | "AllFailures" >> beam.Flatten()
     if args.failed_output:
-        good, failed = samples | "CaptionImages" >> transform.with_exception_handling()
-        if bad_lines is not None:
-            failed = (failed, bad_lines) | "AllFailures" >> beam.Flatten()
         write_records(failed, args.failed_output, args.num_shards, single_file=False, label="WriteFailed")
     else:
-        good = samples | "CaptionImages" >> transform
-        if bad_lines is not None:
-            bad_lines | "FailOnBadJson" >> beam.Map(_raise_bad_json)
+        failed | "StopAtFirstFailure" >> beam.Map(_stop_at)
     write_records(good, args.output, args.num_shards, args.single_file, schema, label="WriteCaptioned")
 
 
-def _raise_bad_json(record: dict) -> None:
-    raise ValueError(f"{record['error']}: {record['sample'][:200]!r} (use --failed_output to route bad lines)")
+SUMMARY_COUNTERS = (
+    "lines_read", "lines_unparseable", "samples_in", "samples_failed", "images_captioned", "generated_samples",
+    "original_samples", "records_written", "failures_written", "model_loads",
+)  # fmt: skip
+"""Always in the summary, 0 when nothing was counted."""
 
 
 def summary(result: beam.runners.runner.PipelineResult, wall_secs: float) -> dict[str, Any]:
-    """The job's totals, from its Beam metrics."""
+    """The job's totals, from its Beam metrics: lines read = samples in + unparseable lines;
+    samples in = samples captioned or passed through + samples failed."""
     metrics = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
-    totals: dict[str, Any] = {}
+    totals: dict[str, Any] = dict.fromkeys(SUMMARY_COUNTERS, 0)
     for counter in metrics["counters"]:
         name = counter.key.metric.name
         totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
@@ -166,25 +320,85 @@ def summary(result: beam.runners.runner.PipelineResult, wall_secs: float) -> dic
     return totals
 
 
+def _temp_folders(prefixes: list[str]) -> set[str]:
+    """What Beam's file sinks leave beside these output prefixes while they write: ``beam-temp-*`` folders (local),
+    or the objects under such prefixes (other filesystems, which have no folders)."""
+    found: set[str] = set()
+    for prefix in prefixes:
+        pattern = f"{os.path.dirname(prefix) or '.'}/beam-temp-{os.path.basename(prefix)}-*"
+        if not has_scheme(prefix):
+            found.update(glob.glob(glob.escape(pattern[: -len("beam-temp-*")]) + pattern[-len("beam-temp-*") :]))
+            continue
+        try:
+            found.update(m.path for m in FileSystems.match([pattern + "/*"])[0].metadata_list)
+        except Exception:  # noqa: BLE001 - a prefix that cannot be listed has nothing of ours
+            pass
+    return found
+
+
+def _remove_temp_folders(before: set[str], prefixes: list[str]) -> None:
+    """Remove what a failed run's file sinks left behind, and nothing that was there before it."""
+    for path in sorted(_temp_folders(prefixes) - before):
+        try:
+            if has_scheme(path):
+                FileSystems.delete([path])
+            else:
+                shutil.rmtree(path)
+        except Exception as e:  # noqa: BLE001 - cleaning up must not hide the run's own error
+            _LOGGER.warning("Could not remove %s: %s", path, e)
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    options = PipelineOptions(beam_args)
+    if options.view_as(StandardOptions).runner is None:
+        options.view_as(StandardOptions).runner = LOCAL_RUNNER
+    return options
+
+
 def run(argv: list[str] | None = None, save_main_session: bool = True):
-    """Build and run the job; returns the finished ``PipelineResult``."""
-    args, pipeline_args = parse_args(argv)
-    options = PipelineOptions(pipeline_args)
+    """Build and run the job; returns the finished ``PipelineResult``. Raises :class:`UserError` before any work
+    for what the user can fix (arguments, inputs, recipe, model, device)."""
+    args, beam_args = parse_args(argv)
+    resolve_paths(args)
+    options = pipeline_options(beam_args)
     options.view_as(SetupOptions).save_main_session = save_main_session
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        message = str(e)
+        if message.split(" ", 1)[0] in {p.name for p in parameters()}:  # the parameter named is a flag
+            message = "--" + message
+        raise UserError(message) from None
+    check_inputs(args.input)
+    check_model(config.hf_img2seq)
+    check_device(config.device, options.view_as(StandardOptions).runner)
+    prefixes = [p for p in (args.output, args.failed_output) if p]
+    before = _temp_folders(prefixes)
     start = time.perf_counter()
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, args)
-    result = pipeline.run()
-    result.wait_until_finish()
+    build(pipeline, args, config)
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except BaseException:
+        _remove_temp_folders(before, prefixes)
+        raise
     totals = summary(result, time.perf_counter() - start)
     print("beamcap summary:", json.dumps(totals, sort_keys=True))
     return result
 
 
-def main() -> None:
-    logging.getLogger().setLevel(logging.INFO)
-    run()
+def sample_failure(error: BaseException) -> str | None:
+    """The reason of the sample that stopped the job, when ``error`` (as a runner re-raises it) is that."""
+    text = "".join(traceback.format_exception(error))
+    marker = f"{SampleError.__name__}: "
+    if marker not in text:
+        return None
+    reason = text[text.rindex(marker) + len(marker) :].splitlines()[0]
+    return re.sub(r" \[while running '[^']*'\]$", "", reason)
 
 
 if __name__ == "__main__":
+    from pipelines.cli import main
+
     main()

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from beamcap.config import REFERENCE_PARAMETERS, parameters
+from pipelines.options import UserError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ IGNORED_ARGS = {
 }  # fmt: skip
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe beamcap cannot run as it is."""
 
 
@@ -46,8 +47,13 @@ def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
     """The job settings a recipe asks for, as ``{flag name: value}``."""
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(path) as f:
-        recipe = yaml.safe_load(f.read().decode("utf-8"))
+    try:
+        with FileSystems.open(path) as f:
+            recipe = yaml.safe_load(f.read().decode("utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    except Exception as e:  # noqa: BLE001 - a missing file, a filesystem error
+        raise RecipeError(f"cannot read the recipe {path}: {e}") from None
     if not isinstance(recipe, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     settings: dict[str, Any] = {}

@@ -49,9 +49,9 @@ def test_job_writes_captions_and_failures(dataset, blip_dir, capsys):
     assert len(generated) == 4 and all(r["images"] for r in generated)
     bad = read_jsonl(failed)
     assert len(bad) == 2
-    reasons = sorted(b["error"] for b in bad)
-    assert "imgs/missing.jpg" in reasons[0] and "file not found" in reasons[0]
-    assert reasons[1].startswith("invalid JSON line")
+    missing, line = sorted((b["error"] for b in bad), key=lambda reason: not reason.startswith("image"))
+    assert "imgs/missing.jpg" in missing and "file not found" in missing
+    assert line.startswith(f"{dataset / 'data.jsonl'}:5: invalid JSON")
     summary = json.loads(capsys.readouterr().out.split("beamcap summary:")[1].strip().splitlines()[0])
     assert summary["samples_in"] == 4 and summary["samples_failed"] == 1 and summary["images_captioned"] == 3
 
