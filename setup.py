@@ -25,5 +25,10 @@ setup(
         "gcp": ["apache-beam[gcp]>=2.60,<3"],
         "dev": ["pytest", "ruff"],
     },
-    entry_points={"console_scripts": ["beamcap-caption=pipelines.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "beamcap-caption=pipelines.cli:main",
+            "beamcap-flink=pipelines.flink_cluster:main",
+        ]
+    },
 )

@@ -75,20 +75,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def portable_services():
-    """Beam's job service and an EXTERNAL SDK worker pool on loopback (what Flink/Spark/Dataflow v2 run)."""
+def portable_services(tmp_path_factory):
+    """Beam's job service and an EXTERNAL SDK worker pool on loopback (what Flink/Spark/Dataflow v2 run), started
+    in a folder of their own, as workers on a cluster are."""
     import os
     import subprocess
     import sys
     import time
 
     job_port, pool_port = _free_port(), _free_port()
+    workers = str(tmp_path_factory.mktemp("workers"))
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     procs = [
         subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                          "--port", str(job_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                          "--port", str(job_port)], env=env, cwd=workers, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-                          f"--service_port={pool_port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                          f"--service_port={pool_port}"], env=env, cwd=workers, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL),
     ]  # fmt: skip
     import socket
 
@@ -102,16 +106,14 @@ def portable_services():
                 if time.time() > deadline:
                     raise RuntimeError("portable services did not start") from None
                 time.sleep(0.2)
-    yield job_port, pool_port
+    yield job_port, pool_port, workers
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=20)
 
 
 def test_portable_runner_with_external_workers_matches_direct(tmp_path, blip_dir, image_dir, portable_services):
-    import threading
-
-    job_port, pool_port = portable_services
+    job_port, pool_port, _ = portable_services
     data = write_dataset(tmp_path / "d.jsonl", image_dir, 3, bad=True)
     common = job_args(data, blip_dir, "--caption_num", "2", "--keep_candidate_mode", "all")
     run([*common, "--output", str(tmp_path / "direct"), "--failed_output", str(tmp_path / "directf")])
@@ -126,22 +128,53 @@ def test_portable_runner_with_external_workers_matches_direct(tmp_path, blip_dir
         "--environment_type=EXTERNAL",
         f"--environment_config=localhost:{pool_port}",
     ]
-    errors = []
-    worker = threading.Thread(target=lambda: _capture(errors, run, portable), daemon=True)
-    worker.start()
-    worker.join(timeout=240)
-    assert not worker.is_alive(), "the portable job did not finish in 240 s"
-    assert not errors, errors
+    _run_within(portable, 240)
     assert len(_rows(str(tmp_path / "direct"))) == 9
     assert _rows(str(tmp_path / "port")) == _rows(str(tmp_path / "direct"))
     assert _rows(str(tmp_path / "portf")) == _rows(str(tmp_path / "directf"))
 
 
-def _capture(errors, fn, argv):
-    try:
-        fn(argv)
-    except Exception as e:  # surfaced by the test thread
-        errors.append(repr(e))
+def _run_within(argv: list[str], seconds: float) -> None:
+    """The job, failing the test if it does not end in time (a portable job whose workers die waits for ever)."""
+    import threading
+
+    errors = []
+
+    def job():
+        try:
+            run(argv)
+        except Exception as e:  # surfaced by the test thread
+            errors.append(repr(e))
+
+    worker = threading.Thread(target=job, daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    assert not worker.is_alive(), f"the portable job did not finish in {seconds} s"
+    assert not errors, errors
+
+
+def test_relative_paths_are_resolved_on_the_launcher(tmp_path, blip_dir, image_dir, portable_services, monkeypatch):
+    """Workers run in another folder than the launcher (as on every cluster): relative --input, --output and
+    --failed_output, and image paths relative to the dataset, still read and write the launcher's files."""
+    import shutil
+
+    job_port, pool_port, workers = portable_services
+    launcher = tmp_path / "launcher"
+    shutil.copytree(image_dir, launcher / "data" / "imgs")
+    rows = [{"id": i, "text": f"{IMG}x", "images": [f"imgs/{c}.jpg"]} for i, c in enumerate(["red", "blue"])]
+    rows.append({"id": "bad", "text": IMG, "images": ["imgs/missing.jpg"]})
+    (launcher / "data" / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(launcher)
+    _run_within(
+        [*job_args("data/d.jsonl", blip_dir), "--output", "out/captioned", "--failed_output", "out/failed",
+         "--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}", "--environment_type=EXTERNAL",
+         f"--environment_config=localhost:{pool_port}"],
+        240,
+    )  # fmt: skip
+    assert len(_rows(str(launcher / "out" / "captioned"))) == 4
+    (failure,) = _rows(str(launcher / "out" / "failed"))
+    assert f"file not found ({launcher}/data/imgs/missing.jpg)" in failure["error"]
+    assert not glob.glob(f"{workers}/**/*captioned*", recursive=True)  # nothing written in the workers' folder
 
 
 def test_large_model_loads_once_across_worker_processes(tmp_path, blip_dir, image_dir, capsys):
