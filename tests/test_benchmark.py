@@ -1,8 +1,11 @@
 """A tiny run of the benchmark, so it never rots (no timing is asserted)."""
 
+import pytest
+
 from benchmarks.run import main
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path, capsys):
     main(["--smoke", "--prompts", "--cache", str(tmp_path)])
     out = capsys.readouterr().out

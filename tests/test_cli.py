@@ -117,6 +117,7 @@ def test_beam_declares_its_options_as_this_check_expects():
     assert len(flags) > 150
 
 
+@pytest.mark.slow
 def test_several_inputs_and_an_unquoted_glob_are_all_read(data, blip_dir, tmp_path):
     """The shell expands an unquoted glob into several arguments: all are inputs."""
     out = tmp_path / "captioned"
@@ -180,6 +181,7 @@ def test_a_cuda_device_on_a_machine_without_one(data, tmp_path):
     assert "--device cuda: this machine has no CUDA device" in one_line_error(cli(*args, "--device", "cuda"))
 
 
+@pytest.mark.slow
 def test_a_sample_that_stops_the_job_names_its_image_and_the_way_on(data, blip_dir, tmp_path):
     """Without --failed_output, the first failed sample stops the job: one line naming the resolved image path and
     pointing to --failed_output, exit status 1, and no beam-temp-* folders left behind."""
@@ -196,6 +198,7 @@ def test_a_sample_that_stops_the_job_names_its_image_and_the_way_on(data, blip_d
 # --- messages for the CLI user, and the summary -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_lines_name_their_file_and_line_and_the_summary_accounts_for_everything(data, blip_dir, tmp_path):
     lines = [
         json.dumps({"id": "ok", "text": IMG, "images": [str(data / "imgs" / "red.jpg")]}).encode(),
@@ -238,6 +241,7 @@ def test_bad_lines_name_their_file_and_line_and_the_summary_accounts_for_everyth
 # --- quiet by default ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_is_quiet_and_verbose_brings_the_detail_back(data, blip_dir, tmp_path):
     args = ["--input", str(data / "data.jsonl"), "--output", str(tmp_path / "a"), *fast(blip_dir)]
     quiet = cli(*args)
@@ -253,6 +257,7 @@ def test_a_run_is_quiet_and_verbose_brings_the_detail_back(data, blip_dir, tmp_p
 # --- the README's quickstart, as printed ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_readme_quickstart_prints_what_the_readme_shows(tmp_path):
     """The README's quickstart command (after the install step) run in a copy of the demo data, compared with the
     output block the README shows under it."""

@@ -124,6 +124,7 @@ def test_bundled_demo_data_is_captioned_truthfully(tmp_path):
     assert total == 5 and right >= 4, (right, total)
 
 
+@pytest.mark.slow
 def test_training_script_smoke(tmp_path):
     from beamcap.demo import train
 

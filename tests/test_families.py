@@ -74,6 +74,7 @@ def test_family_and_kind_are_detected_from_config_and_processor(captioners, name
     assert captioner.family.has_shared_pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 @pytest.mark.parametrize("mode, k", [("random_any", 1), ("similar_one_simhash", 1), ("all", 2)])
 def test_every_family_captions_through_the_transform_in_every_mode(model_dirs, image_dir, name, mode, k):

@@ -100,6 +100,7 @@ def _tag_failed(record):
     return ("failed", record["sample"]["id"])
 
 
+@pytest.mark.slow
 def test_fuzzed_files_through_the_transform_every_sample_accounted(blip_dir, image_dir, tmp_path):
     """Corrupt files of every format, each beside good samples in the same batches: all accounted for, and the
     good samples come out as they do alone."""

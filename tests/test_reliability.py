@@ -146,6 +146,7 @@ def test_odd_but_valid_inputs(blip_dir, image_dir, sample, originals, generated)
 
 
 @pytest.mark.parametrize("mode", ["random_any", "similar_one_simhash", "all"])
+@pytest.mark.slow
 def test_seeded_sampling_is_independent_of_batching_and_reruns(blip_dir, image_dir, mode):
     samples = good_samples(image_dir) * 3 + [
         {"id": "g4", "text": f"{IMG} x", "images": [str(image_dir / "yellow.jpg")]}

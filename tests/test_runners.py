@@ -46,6 +46,7 @@ def job_args(data: str, model: str, *extra: str) -> list[str]:
     return ["--input", data, "--hf_img2seq", model, "--do_sample", "false", "--max_new_tokens", "3", *extra]
 
 
+@pytest.mark.slow
 def test_multi_processing_direct_runner_matches_in_memory(tmp_path, blip_dir, image_dir):
     data = write_dataset(tmp_path / "d.jsonl", image_dir, 12, bad=True)
     common = job_args(data, blip_dir, "--caption_num", "2", "--keep_candidate_mode", "all")
@@ -112,6 +113,7 @@ def portable_services(tmp_path_factory):
         proc.wait(timeout=20)
 
 
+@pytest.mark.slow
 def test_portable_runner_with_external_workers_matches_direct(tmp_path, blip_dir, image_dir, portable_services):
     job_port, pool_port, _ = portable_services
     data = write_dataset(tmp_path / "d.jsonl", image_dir, 3, bad=True)
@@ -153,6 +155,7 @@ def _run_within(argv: list[str], seconds: float) -> None:
     assert not errors, errors
 
 
+@pytest.mark.slow
 def test_relative_paths_are_resolved_on_the_launcher(tmp_path, blip_dir, image_dir, portable_services, monkeypatch):
     """Workers run in another folder than the launcher (as on every cluster): relative --input, --output and
     --failed_output, and image paths relative to the dataset, still read and write the launcher's files."""
@@ -177,6 +180,7 @@ def test_relative_paths_are_resolved_on_the_launcher(tmp_path, blip_dir, image_d
     assert not glob.glob(f"{workers}/**/*captioned*", recursive=True)  # nothing written in the workers' folder
 
 
+@pytest.mark.slow
 def test_large_model_loads_once_across_worker_processes(tmp_path, blip_dir, image_dir, capsys):
     data = write_dataset(tmp_path / "d.jsonl", image_dir, 16, bad=False)
     common = job_args(
