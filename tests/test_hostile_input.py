@@ -80,8 +80,8 @@ def test_fuzzed_files_only_ever_raise_image_load_error(fmt):
     assert outcomes["refused"] > 100, outcomes  # the corruptions do reach the decoder's error paths
 
 
-def accounted(samples: list, config: dict):
-    """Matcher for (good, failed) flattened with tags: every sample comes out once, as original or as failure."""
+def accounted(samples: list):
+    """Matcher for :func:`tagged` outputs: every sample comes out once, as original or as failure."""
     ids = sorted(s["id"] for s in samples)
 
     def check(tagged):
@@ -100,6 +100,14 @@ def _tag_failed(record):
     return ("failed", record["sample"]["id"])
 
 
+def tagged(result):
+    """(tag, sample id) for every output of a CaptionResult: 'original', 'generated' or 'failed'."""
+    return (
+        result.good | "TagGood" >> beam.Map(_tag_good),
+        result.failed | "TagFailed" >> beam.Map(_tag_failed),
+    ) | "Tagged" >> beam.Flatten()
+
+
 @pytest.mark.slow
 def test_fuzzed_files_through_the_transform_every_sample_accounted(blip_dir, image_dir, tmp_path):
     """Corrupt files of every format, each beside good samples in the same batches: all accounted for, and the
@@ -116,11 +124,7 @@ def test_fuzzed_files_through_the_transform_every_sample_accounted(blip_dir, ima
     clean = run_dofn(CaptionConfig(blip_dir, **FAST), [dict(s, _orig=s["text"]) for s in good])
     with TestPipeline() as p:
         result = p | beam.Create(samples) | CaptionImages(blip_dir, gpu_batch_size=4, **FAST).with_exception_handling()
-        tagged = (
-            result.good | "TagGood" >> beam.Map(_tag_good),
-            result.failed | "TagFailed" >> beam.Map(_tag_failed),
-        ) | beam.Flatten()
-        assert_that(tagged, accounted(samples, {}), label="accounted")
+        assert_that(tagged(result), accounted(samples), label="accounted")
         good_out = result.good | beam.Filter(lambda s: s["id"].startswith("g"))
         assert_that(good_out, same_elements(clean["generated"] + clean["original"]), label="good unchanged")
 
@@ -358,11 +362,7 @@ def test_every_sample_is_accounted_for_whatever_it_is(blip_dir, image_dir, tmp_p
     samples = [dict(s, id=i, _orig=s["text"]) for i, s in enumerate(bag)]
     with TestPipeline() as p:
         result = p | beam.Create(samples) | CaptionImages(blip_dir, seed=1, **FAST).with_exception_handling()
-        tagged = (
-            result.good | "TagGood" >> beam.Map(_tag_good),
-            result.failed | "TagFailed" >> beam.Map(_tag_failed),
-        ) | beam.Flatten()
-        assert_that(tagged, accounted(samples, {}))
+        assert_that(tagged(result), accounted(samples))
 
 
 def test_outputs_are_the_same_with_hostile_batch_mates(blip_dir, image_dir):
