@@ -12,11 +12,14 @@ _LOGGER = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "beamcap"
 PROGRESS_EVERY_SECS = 30.0
+LOADS_IN = "model_loads_in_"
+"""Prefix of the counters of model loads per dtype (``model_loads_in_float32``, ...)."""
 
 
 class CaptionMetrics:
     """Counters: samples_in, samples_failed, images_captioned, captions_generated, generated_samples,
-    original_samples, model_loads. Distributions: model_load_ms, generate_latency_ms, generate_batch_size."""
+    original_samples, model_loads (and model_loads_in_<dtype>). Distributions: model_load_ms, generate_latency_ms,
+    generate_batch_size."""
 
     def __init__(self):
         ns = METRICS_NAMESPACE
@@ -35,6 +38,8 @@ class CaptionMetrics:
     def model_loaded(self, info: dict[str, Any]) -> None:
         self.model_loads.inc()
         self.model_load_ms.update(int(info["load_secs"] * 1000))
+        # Which dtype ran, as a counter of its own (Beam metrics are numbers): the job's summary reads it back.
+        Metrics.counter(METRICS_NAMESPACE, f"{LOADS_IN}{info['dtype']}").inc()
 
     def generated(self, images: int, seconds: float) -> None:
         self.generate_latency_ms.update(int(seconds * 1000))

@@ -10,13 +10,14 @@ Every method uses the same loaded model, the same 640x480 JPEGs and the same
 generation settings (``do_sample=True``; a random-weight model also gets
 ``min_new_tokens = max_new_tokens`` so every method generates the same length):
 
-- floor: ``model.generate`` alone on tensors preprocessed before timing (with
-  ``caption_num > 1``, beamcap can pass it: for BLIP and the chat model it runs
-  each image's share of the work once for all candidates, see
-  ``beamcap/generation.py``);
+- floors: ``model.generate`` alone on tensors preprocessed before timing, with
+  the model in float32 and in bfloat16 (with ``caption_num > 1``, beamcap can
+  pass them: it runs each image's share of the work once for all candidates,
+  see ``beamcap/families/``);
 - beamcap: the captioning DoFn's ``process()`` on batches (images read and
-  decoded inline, model loaded before timing): the steady state; and the whole
-  ``CaptionImages`` pipeline on DirectRunner, wall time including start and load;
+  decoded inline, model loaded before timing), at beamcap's default dtype unless
+  ``--dtype`` says otherwise: the steady state; and the whole ``CaptionImages``
+  pipeline on DirectRunner, wall time including start and load;
 - reference: Data-Juicer's method: images decoded inline, the processor called
   per sub-batch of ``gpu_batch_size`` and a full ``generate`` run once per candidate;
 - runinference: Beam's RunInference with a ModelHandler doing the same
@@ -30,6 +31,7 @@ side with methods interleaved, each repeated (median and min-max spread).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import random
@@ -171,7 +173,7 @@ class Bench:
         self.reference_dtype = reference_dtype
         self.lifecycle: ModelLifecycle | None = None  # beamcap's model, loaded once, shared by every case's DoFn
         self._captioner = None
-        self._reference_captioner = None
+        self._copies: dict[str, object] = {}  # the model in other dtypes (the floors, the reference), by dtype
 
     def _config(self, case: Case, **kw) -> CaptionConfig:
         return CaptionConfig(
@@ -193,20 +195,24 @@ class Bench:
             self._captioner = self.lifecycle.acquire().next()
         return self._captioner
 
-    def reference_captioner(self, case: Case):
-        """The model as the reference runs it: Data-Juicer loads it without a dtype (float32 for BLIP checkpoints).
-        On CPU (float32 either way) this is the same loaded model."""
+    def model_in(self, case: Case, dtype: str | None):
+        """The model in ``dtype``: beamcap's own where that is its dtype (or ``dtype`` is None), else a copy."""
         captioner = self.captioner(case)
-        if self.reference_dtype in (None, self.dtype_name()):
+        if dtype in (None, self.dtype_name()):
             return captioner
-        if self._reference_captioner is None:
+        if dtype not in self._copies:
             from beamcap.model import load_captioner
 
-            self._reference_captioner = load_captioner(self._config(case, torch_dtype=self.reference_dtype))
-        return self._reference_captioner
+            self._copies[dtype] = load_captioner(self._config(case, torch_dtype=dtype))
+        return self._copies[dtype]
 
-    def floor(self, case: Case) -> float:
-        cap, settings = self.captioner(case), self._settings(case)
+    def reference_captioner(self, case: Case):
+        """The model as the reference runs it: Data-Juicer loads it without a dtype (float32 for BLIP checkpoints)."""
+        return self.model_in(case, self.reference_dtype)
+
+    def floor(self, case: Case, dtype: str = "float32") -> float:
+        """``model.generate`` alone, on tensors preprocessed before timing, with the model in ``dtype``."""
+        cap, settings = self.model_in(case, dtype), self._settings(case)
         batches = [cap.prepare([decode(p) for p in self.paths[i : i + case.batch]], None)
                    for i in range(0, len(self.paths), case.batch)]  # fmt: skip
         start = time.perf_counter()
@@ -388,9 +394,14 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+FLOORS = ("float32", "bfloat16")
+"""The floors measured in every run: plain ``model.generate`` with the model in each of these dtypes."""
+
+
 def measure(bench: Bench, case: Case, repeats: int) -> dict[str, list[float]]:
     methods: dict[str, Callable[[Case], float]] = {
-        "floor": bench.floor, "beamcap": bench.beamcap, "reference": bench.reference, "runinference": bench.runinference,
+        **{f"floor {dtype}": functools.partial(bench.floor, dtype=dtype) for dtype in FLOORS},
+        "beamcap": bench.beamcap, "reference": bench.reference, "runinference": bench.runinference,
         "inputs": bench.inputs,
     }  # fmt: skip
     bench.beamcap(case)  # warm-up (allocator, lazy imports)
@@ -476,21 +487,27 @@ def main(argv: list[str] | None = None) -> None:
         f"model: {model} ({bench.dtype_name()} on {bench.captioner(cases[0]).info()['device']}; "
         f"the reference's method in {bench.reference_captioner(cases[0]).info()['dtype']})\n"
     )
+    compared = [f"floor {dtype}" for dtype in FLOORS] + ["reference", "runinference"]
+    names = {"reference": "reference", "runinference": "RunInference", **{f"floor {d}": f"{d} floor" for d in FLOORS}}
     print(
-        "| case | floor img/s | beamcap img/s | reference img/s | RunInference img/s | beamcap/floor | "
-        "beamcap/reference | beamcap/RunInference |"
+        "| case | "
+        + " | ".join(f"{names[k]} img/s" for k in compared[:2])
+        + " | beamcap img/s | "
+        + " | ".join(f"{names[k]} img/s" for k in compared[2:])
+        + " | "
+        + " | ".join(f"beamcap/{names[k]}" for k in compared)
+        + " |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---" * (2 + 2 * len(compared)) + "|")
     shares = []
     for case in cases:
         times = measure(bench, case, repeats)
         rate = {k: [n / t for t in v] for k, v in times.items()}
         med = {k: median_spread(v) for k, v in rate.items()}
         ratio = {k: median_spread([a / b for a, b in zip(rate["beamcap"], rate[k], strict=True)])
-                 for k in ("floor", "reference", "runinference")}  # fmt: skip
+                 for k in compared}  # fmt: skip
         cells = [
-            f"{m:.2f} ({lo:.2f}-{hi:.2f})"
-            for m, lo, hi in (med[k] for k in ("floor", "beamcap", "reference", "runinference"))
+            f"{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in (med[k] for k in (*compared[:2], "beamcap", *compared[2:]))
         ]
         cells += [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ratio.values()]
         print(f"| {case.label()} | " + " | ".join(cells) + " |", flush=True)

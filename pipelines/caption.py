@@ -31,7 +31,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from beamcap.config import CaptionConfig, parameters
-from beamcap.metrics import METRICS_NAMESPACE
+from beamcap.metrics import LOADS_IN, METRICS_NAMESPACE
 from beamcap.paths import has_scheme
 from beamcap.samples import SampleError
 from beamcap.transform import CaptionImages
@@ -308,12 +308,16 @@ SUMMARY_COUNTERS = (
 
 def summary(result: beam.runners.runner.PipelineResult, wall_secs: float) -> dict[str, Any]:
     """The job's totals, from its Beam metrics: lines read = samples in + unparseable lines;
-    samples in = samples captioned or passed through + samples failed."""
+    samples in = samples captioned or passed through + samples failed; and the dtype the model ran in."""
     metrics = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
     totals: dict[str, Any] = dict.fromkeys(SUMMARY_COUNTERS, 0)
     for counter in metrics["counters"]:
         name = counter.key.metric.name
         totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
+    dtypes = sorted(name.removeprefix(LOADS_IN) for name in totals if name.startswith(LOADS_IN))
+    for dtype in dtypes:
+        del totals[LOADS_IN + dtype]
+    totals["dtype"] = ",".join(dtypes) or None
     totals["wall_secs"] = round(wall_secs, 1)
     images = totals.get("images_captioned", 0)
     totals["images_per_sec"] = round(images / wall_secs, 2) if wall_secs > 0 else 0.0

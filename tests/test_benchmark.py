@@ -10,7 +10,7 @@ def test_benchmark_smoke(tmp_path, capsys):
     main(["--smoke", "--prompts", "--cache", str(tmp_path)])
     out = capsys.readouterr().out
     assert out.count("| caption_num=") == 4  # 2 cases in the main table, 2 in the mixed-prompt one
-    assert "beamcap/floor" in out and "model loaded 1x" in out
+    assert "beamcap/float32 floor" in out and "beamcap/bfloat16 floor" in out and "model loaded 1x" in out
     assert out.count("input share") == 2
     assert "ordered/arrival" in out
 
@@ -54,8 +54,8 @@ def test_the_reference_method_runs_its_own_copy_in_its_own_dtype(tmp_path):
 
     paths = make_images(str(tmp_path), 1)
     case = Case(1, 1, 2)
-    same = Bench(demo_model_path(), paths, {})
+    same = Bench(demo_model_path(), paths, {}, torch_dtype="float32")
     assert same.reference_captioner(case) is same.captioner(case)
-    other = Bench(demo_model_path(), paths, {}, reference_dtype="bfloat16")
+    other = Bench(demo_model_path(), paths, {}, torch_dtype="float32", reference_dtype="bfloat16")
     assert other.captioner(case).info()["dtype"] == "float32"
     assert other.reference_captioner(case).info()["dtype"] == "bfloat16"

@@ -141,7 +141,7 @@ def test_help_gives_every_flag_a_line_and_its_default():
     assert "(required, unless --recipe gives dataset_path)" in text
     assert "--do_sample {true,false}" in text and "--large_model {true,false}" in text
     assert "(default: cuda when a GPU is visible on the worker, else cpu)" in text
-    assert "(default: float32 on CPU; bfloat16 on CUDA" in text
+    assert "(default: bfloat16 on CUDA (float16 where bf16 is unsupported); on CPU, bfloat16 where it is faster" in text
     assert "a 15 GB download; Salesforce/blip-image-" in text and "--generate_kwargs JSON" in text
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 import apache_beam as beam
+import pytest
 import torch
 from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -97,3 +98,38 @@ def test_hf_img2seq_on_a_beam_filesystem_path(blip_dir, image_dir, tmp_path, mon
         assert_that(out, has_counts(1, 1))
     (cached,) = os.listdir(tmp_path / "cache")
     assert sorted(os.listdir(tmp_path / "cache" / cached)) == sorted(os.listdir(blip_dir))
+
+
+@pytest.mark.parametrize(
+    "capabilities, flags, fast",
+    [
+        ({"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": False}, {"avx512_bf16"}, False),  # this machine
+        ({"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": True}, {"avx512_bf16", "amx_bf16"}, True),
+        ({"architecture": "x86_64", "amx_bf16": True}, {"avx512_bf16"}, False),  # the OS has not enabled AMX
+        ({"architecture": "x86_64", "amx_bf16": True}, set(), True),  # no /proc/cpuinfo: the CPU's word
+        ({"architecture": "aarch64"}, {"fp", "asimd", "bf16"}, True),
+        ({"architecture": "aarch64"}, {"fp", "asimd"}, False),
+    ],
+    ids=["avx512-bf16-only", "amx", "amx-hidden-by-the-os", "amx-not-linux", "arm-bf16", "arm-without"],
+)
+def test_bf16_is_the_cpu_default_only_where_it_is_faster(monkeypatch, capabilities, flags, fast):
+    from beamcap import devices
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    monkeypatch.setattr(devices, "_linux_cpu_flags", lambda: flags)
+    devices.cpu_bf16_is_fast.cache_clear()
+    try:
+        assert devices.cpu_bf16_is_fast() is fast
+        assert resolve_dtype(None, torch.device("cpu")) == (torch.bfloat16 if fast else torch.float32)
+        assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # the reference's numerics, on request
+    finally:
+        devices.cpu_bf16_is_fast.cache_clear()
+
+
+def test_this_machine_reads_its_cpu_flags():
+    """The detection reads real flags here (Linux): a CPU without AMX-BF16 keeps float32."""
+    from beamcap import devices
+
+    flags = devices._linux_cpu_flags()
+    assert "fpu" in flags or "fp" in flags
+    assert devices.cpu_bf16_is_fast() == ("amx_bf16" in flags)
