@@ -81,9 +81,9 @@ def nesting_depth(value: Any, limit: int) -> int:
         else:
             continue
         deepest = max(deepest, depth + 1)
-        if deepest > limit:
+        if deepest > limit:  # a cycle (a sample that contains itself) ends here too
             return deepest
-        stack.extend((child, depth + 1) for child in children)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
     return deepest
 
 

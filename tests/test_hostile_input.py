@@ -313,7 +313,10 @@ def nested(depth: int):
 
 def test_deeply_nested_and_odd_samples_fail_alone_or_pass(blip_dir, image_dir):
     img = str(image_dir / "red.jpg")
+    cycle = {"id": "cycle", "text": IMG, "images": [img]}
+    cycle["me"] = cycle
     samples = [
+        cycle,
         {"id": "deep", "text": IMG, "images": [img], "extra": nested(500)},
         {"id": "deep-but-ok", "text": IMG, "images": [img], "extra": nested(50)},
         {"id": "int-key", "text": IMG, "images": [img], 3: "an int key"},
@@ -321,10 +324,10 @@ def test_deeply_nested_and_odd_samples_fail_alone_or_pass(blip_dir, image_dir):
         {"id": "uncopyable", "text": IMG, "images": [img], "lock": threading.Lock()},
         {"id": "good", "text": IMG, "images": [img]},
     ]
-    out = run_dofn(CaptionConfig(blip_dir, seed=3, caption_num=2, **{**FAST, "do_sample": True}), samples, 6)
+    out = run_dofn(CaptionConfig(blip_dir, seed=3, caption_num=2, **{**FAST, "do_sample": True}), samples, 7)
     failed = {f["sample"]["id"]: f["error"] for f in out["failed"]}
-    assert set(failed) == {"deep", "images-str", "uncopyable"}, failed
-    assert "nested more than 100 levels deep" in failed["deep"]
+    assert set(failed) == {"cycle", "deep", "images-str", "uncopyable"}, failed
+    assert "nested more than 100 levels deep" in failed["deep"] and "nested more than 100" in failed["cycle"]
     assert "must be a list of image references, got str 'red.jpg'" in failed["images-str"]
     assert "cannot make the generated samples: TypeError" in failed["uncopyable"]
     assert sorted(o["id"] for o in out["original"]) == ["deep-but-ok", "good", "int-key"]
