@@ -204,3 +204,21 @@ def test_large_model_in_memory(blip_dir, image_dir):
     shared = run_dofn(CaptionConfig(blip_dir, large_model=True, do_sample=False, max_new_tokens=3), samples)
     local = run_dofn(CaptionConfig(blip_dir, do_sample=False, max_new_tokens=3), samples)
     assert shared == local
+
+
+def test_model_copies_are_used_in_turn_batch_by_batch(blip_dir, image_dir):
+    """model_copies=2: two models per machine, each in its own server process; a DoFn holds both and uses them in
+    turn, as RunInference does, and each load is counted once."""
+    from helpers import process
+
+    from beamcap import CaptionConfig
+    from beamcap.dofn import CaptionDoFn
+
+    config = CaptionConfig(blip_dir, model_copies=2, do_sample=False, max_new_tokens=3)
+    dofn = CaptionDoFn(config, handle_failures=True)
+    dofn.setup()
+    copies = [dofn._models.next() for _ in range(4)]
+    assert copies[0] is copies[2] and copies[1] is copies[3] and copies[0] is not copies[1]
+    assert len(dofn._models.claim_load_reports()) == 2 and dofn._models.claim_load_reports() == []
+    samples = [{"text": IMG, "images": [str(image_dir / "red.jpg")]}]
+    assert process(dofn, config, samples)["generated"] == process(dofn, config, samples)["generated"]
