@@ -51,13 +51,10 @@ def beam_option_parser() -> argparse.ArgumentParser:
     """
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    parser = _Parser(prog="beamcap-caption", add_help=False)
+    parser = _Parser(prog="beamcap-caption", add_help=False, conflict_handler="resolve")  # a flag declared twice
     parser.add_value_provider_argument = parser.add_argument  # what Beam's parser adds to argparse's
     for cls in _subclasses(PipelineOptions):
-        try:
-            cls._add_argparse_args(parser)
-        except argparse.ArgumentError:
-            pass  # a flag two option classes declare
+        cls._add_argparse_args(parser)
     return parser
 
 
