@@ -206,15 +206,20 @@ def test_large_model_in_memory(blip_dir, image_dir):
     assert shared == local
 
 
-def test_model_copies_are_used_in_turn_batch_by_batch(blip_dir, image_dir):
+def test_model_copies_are_used_in_turn_batch_by_batch(blip_dir, image_dir, tmp_path):
     """model_copies=2: two models per machine, each in its own server process; a DoFn holds both and uses them in
     turn, as RunInference does, and each load is counted once."""
+    import shutil
+
     from helpers import process
 
     from beamcap import CaptionConfig
     from beamcap.dofn import CaptionDoFn
 
-    config = CaptionConfig(blip_dir, model_copies=2, do_sample=False, max_new_tokens=3)
+    # A folder of its own: servers started by other tests in this process for blip_dir would already have
+    # reported their loads.
+    model_dir = shutil.copytree(blip_dir, tmp_path / "blip")
+    config = CaptionConfig(str(model_dir), model_copies=2, do_sample=False, max_new_tokens=3)
     dofn = CaptionDoFn(config, handle_failures=True)
     dofn.setup()
     copies = [dofn._models.next() for _ in range(4)]
