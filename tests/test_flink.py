@@ -104,48 +104,18 @@ def stage_on_taskmanagers(port: int, jid: str, transform: str) -> dict[str, tupl
     return found
 
 
-def model_loads_in_logs(run_dir: str, since: dict[str, int]) -> dict[str, int]:
-    """Model loads beamcap logged in each TaskManager's log (its SDK workers log there) since ``since`` offsets."""
-    counts = {}
-    for path in glob.glob(os.path.join(run_dir, "logs", "taskmanager-*.log")):
-        with open(path, "rb") as f:
-            f.seek(since.get(path, 0))
-            counts[os.path.basename(path)] = sum(1 for line in f if b"Loaded " in line and b": family " in line)
-    return counts
-
-
-def log_offsets(run_dir: str) -> dict[str, int]:
-    return {p: os.path.getsize(p) for p in glob.glob(os.path.join(run_dir, "logs", "taskmanager-*.log"))}
-
-
 def demo_copy(root) -> str:
     """The demo data and recipe, in a folder of its own (the recipe's paths are relative to it)."""
     shutil.copytree(os.path.join(REPO, "beamcap", "demo", "data"), root / "beamcap" / "demo" / "data")
     return str(root)
 
 
-def test_the_demo_recipe_gives_directrunners_output_and_each_worker_loads_once(flink, tmp_path):
-    """The demo recipe (relative dataset_path and export_path) started in a folder the workers do not run in:
-    the same records as on DirectRunner, written where the launcher's paths say."""
-    recipe = ["--recipe", "beamcap/demo/data/recipe.yaml", "--do_sample", "false", "--failed_output", "out/failed"]
-    local = demo_copy(tmp_path / "local")
-    on_flink = demo_copy(tmp_path / "flink")
-    direct = caption(recipe, cwd=local)
-    offsets = log_offsets(flink["run_dir"])
-    summary = caption([*recipe, *flink["options"]], cwd=on_flink)
-    assert lines(f"{on_flink}/out/demo/captioned.jsonl") == lines(f"{local}/out/demo/captioned.jsonl")
-    assert len(lines(f"{on_flink}/out/demo/captioned.jsonl")) == 7
-    assert lines(f"{on_flink}/out/failed*") == lines(f"{local}/out/failed*") == []
-    counts = ("lines_read", "samples_in", "samples_failed", "images_captioned", "generated_samples", "records_written")
-    assert {k: summary[k] for k in counts} == {k: direct[k] for k in counts}
-    loads = model_loads_in_logs(flink["run_dir"], offsets)
-    assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1, loads  # one load per SDK worker at most
-    assert summary["model_loads"] <= sum(loads.values())
-
-
-def dataset(root, image_dir, n: int) -> str:
-    """n one-image samples (the demo pictures in turn), a missing image and a line that is not JSON."""
+def dataset(root, n: int, relative: bool = False) -> str:
+    """n one-image samples (the demo pictures in turn), a missing image and a line that is not JSON, in
+    ``root/data.jsonl``; with ``relative``, image paths are relative to ``root`` (a copy of the demo data)."""
     pictures = sorted(glob.glob(os.path.join(REPO, "beamcap", "demo", "data", "images", "*.jpg")))
+    if relative:
+        pictures = [os.path.join("images", os.path.basename(p)) for p in pictures]
     with open(root / "data.jsonl", "w") as f:
         for i in range(n):
             f.write(json.dumps({"id": i, "text": f"{IMG} picture {i}", "images": [pictures[i % len(pictures)]]}) + "\n")
@@ -154,32 +124,39 @@ def dataset(root, image_dir, n: int) -> str:
     return str(root / "data.jsonl")
 
 
-def test_candidates_failures_metrics_and_work_on_both_taskmanagers(flink, tmp_path, image_dir):
-    """caption_num=3 with 'all', a missing image and a bad line, one model per machine (large_model): outputs,
-    failures and the summary's counts equal DirectRunner's, and both TaskManagers captioned."""
-    data = dataset(tmp_path, image_dir, 24)
-    args = ["--input", data, "--hf_img2seq", "beamcap-demo", "--do_sample", "false", "--caption_num", "3",
+def test_the_demo_recipe_with_relative_paths_candidates_and_failures_gives_directrunners_output(flink, tmp_path):
+    """The bundled recipe, started in a folder the workers do not run in, on 24 samples whose input, output, failed
+    output and image paths are all relative, with caption_num=3 'all', a missing image and a bad line, and one
+    model per machine (large_model): outputs, failures and the summary's counts equal DirectRunner's, and both
+    TaskManagers captioned."""
+    args = ["--recipe", "beamcap/demo/data/recipe.yaml", "--input", "beamcap/demo/data/data.jsonl",
+            "--failed_output", "out/failed", "--do_sample", "false", "--caption_num", "3",
             "--keep_candidate_mode", "all", "--large_model", "true", "--num_shards", "1"]  # fmt: skip
-    direct = caption([*args, "--output", "direct/out", "--failed_output", "direct/failed"], cwd=str(tmp_path))
-    summary = caption(
-        [*args, "--output", "flink/out", "--failed_output", "flink/failed", *flink["options"]], cwd=str(tmp_path)
-    )
-    assert lines(f"{tmp_path}/flink/out*") == lines(f"{tmp_path}/direct/out*")
-    assert len(lines(f"{tmp_path}/flink/out*")) == 24 * (1 + 3)
-    assert lines(f"{tmp_path}/flink/failed*") == lines(f"{tmp_path}/direct/failed*")
-    assert len(lines(f"{tmp_path}/flink/failed*")) == 2
-    for key in ("samples_in", "images_captioned", "samples_failed", "model_loads", "lines_unparseable",
-                "records_written", "failures_written"):  # fmt: skip
+    runs = {}
+    for name in ("local", "flink"):
+        runs[name] = demo_copy(tmp_path / name)
+        dataset(tmp_path / name / "beamcap" / "demo" / "data", 24, relative=True)
+    direct = caption(args, cwd=runs["local"])
+    summary = caption([*args, *flink["options"]], cwd=runs["flink"])
+    captioned = lines(f"{runs['flink']}/out/demo/captioned*")
+    assert captioned == lines(f"{runs['local']}/out/demo/captioned*")
+    assert len(captioned) == 24 * (1 + 3)
+    failed = {
+        name: [line.replace(root, "<run>") for line in lines(f"{root}/out/failed*")] for name, root in runs.items()
+    }
+    assert failed["flink"] == failed["local"] and len(failed["flink"]) == 2, failed  # paths resolved on the launcher
+    for key in ("lines_read", "samples_in", "images_captioned", "samples_failed", "model_loads", "lines_unparseable",
+                "generated_samples", "records_written", "failures_written"):  # fmt: skip
         assert summary[key] == direct[key], (key, summary, direct)
     assert summary["model_loads"] == 1  # one model for the machine, shared by both TaskManagers' SDK workers
     spread = stage_on_taskmanagers(flink["rest"], latest_job(flink["rest"]), "CaptionImages")
     assert len([tm for tm, (_, read) in spread.items() if read > 0]) == 2, spread
 
 
-def test_a_lost_taskmanager_costs_nothing(flink, tmp_path, image_dir):
+def test_a_lost_taskmanager_costs_nothing(flink, tmp_path):
     """One TaskManager is killed (its process group: the JVM and its SDK worker) while a job of 600 samples
     captions: Flink restarts the job's work on the slots left, and every sample comes out exactly once."""
-    data = dataset(tmp_path, image_dir, 600)
+    data = dataset(tmp_path, 600)
     args = ["--input", data, "--output", "out/captioned", "--failed_output", "out/failed", "--hf_img2seq",
             "beamcap-demo", "--do_sample", "false", "--seed", "1", *flink["options"]]  # fmt: skip
     killed = {}

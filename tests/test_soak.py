@@ -1,4 +1,4 @@
-"""Soak: 20,000 samples, 1% bad, through the public transform on a tiny model."""
+"""Soak: 10,000 samples, 1% bad, through the public transform on a tiny model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from helpers import IMG
 
 from beamcap import METRICS_NAMESPACE, CaptionImages
 
-N, BAD_EVERY = 20_000, 100
+N, BAD_EVERY = 10_000, 100
 
 
 def _rss_mb() -> float:
@@ -31,7 +31,7 @@ def count_is(expected: int):
 
 
 @pytest.mark.slow
-def test_soak_20k_samples_with_1_percent_bad(blip_dir, image_dir):
+def test_soak_10k_samples_with_1_percent_bad(blip_dir, image_dir):
     images = [str(image_dir / f"{c}.jpg") for c in ("red", "green", "blue", "yellow")]
     samples = []
     for i in range(N):
