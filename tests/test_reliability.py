@@ -85,22 +85,45 @@ def clean(blip_dir, image_dir):
 
 @pytest.mark.parametrize("make, reason", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_fails_alone_and_good_samples_are_unchanged(blip_dir, image_dir, tmp_path, clean, make, reason):
+    """Each kind in one batch with the good samples (the DoFn on that batch): it fails alone, with its reason."""
     good = good_samples(image_dir)
     bad = make(tmp_path)
+    out = run_dofn(CaptionConfig(blip_dir, max_image_pixels=1_000_000, **GREEDY), [good[0], bad, *good[1:]], 4)
+    assert canonical(out["generated"]) == canonical(clean["generated"])
+    assert canonical(out["original"]) == canonical(clean["original"])
+    assert len(out["failed"]) == 1 and out["failed"][0]["sample"] == bad and reason in out["failed"][0]["error"]
+
+
+def test_every_bad_input_through_the_transform_at_once(blip_dir, image_dir, tmp_path, clean):
+    """All the kinds among the good samples through the public transform: each fails alone with its reason, and
+    the good samples come out as they do alone."""
+    good = good_samples(image_dir)
+    folders = [tmp_path / name for name, _, _ in BAD_INPUTS]
+    for folder in folders:
+        folder.mkdir()
+    bad = [(make(folder), reason) for folder, (_, make, reason) in zip(folders, BAD_INPUTS, strict=True)]
     with TestPipeline() as p:
         result = (
             p
-            | beam.Create([good[0], bad, *good[1:]])
+            | beam.Create([good[0], *(b for b, _ in bad), *good[1:]])
             | CaptionImages(blip_dir, max_image_pixels=1_000_000, **GREEDY).with_exception_handling()
         )
         assert_that(result.good, same_elements(clean["generated"] + clean["original"]), label="good")
-        assert_that(result.failed, failed_with(bad, reason), label="failed")
+        assert_that(result.failed, failed_with(bad), label="failed")
 
 
-def failed_with(sample, reason):
+def failed_with(expected: list[tuple]):
+    """Matcher: exactly one failure per (sample, reason substring)."""
+
     def check(actual):
-        if len(actual) != 1 or actual[0]["sample"] != sample or reason not in actual[0]["error"]:
-            raise BeamAssertException(f"expected one failure for {sample!r} with {reason!r}, got {actual}")
+        unmatched = list(actual)
+        for sample, reason in expected:
+            found = [f for f in unmatched if f["sample"] == sample and reason in f["error"]]
+            if len(found) != 1:
+                raise BeamAssertException(f"expected one failure for {sample!r} with {reason!r}, got {actual}")
+            unmatched.remove(found[0])
+        if unmatched:
+            raise BeamAssertException(f"unexpected failures: {unmatched}")
 
     return check
 
@@ -117,10 +140,9 @@ ODD_BUT_VALID = [
 ]
 
 
-@pytest.mark.parametrize(
-    "sample, originals, generated", [o[1:] for o in ODD_BUT_VALID], ids=[o[0] for o in ODD_BUT_VALID]
-)
-def test_odd_but_valid_inputs(blip_dir, image_dir, sample, originals, generated):
+@pytest.fixture(scope="module")
+def odd_config(blip_dir, image_dir):
+    """The odd images written into image_dir, and the settings these tests run with."""
     Image.new("CMYK", (9, 9), (0, 200, 200, 0)).save(image_dir / "cmyk.tif")
     Image.new("LA", (9, 9), (100, 50)).save(image_dir / "la.png")
     Image.new("I;16", (9, 9), 30000).save(image_dir / "i16.png")
@@ -128,19 +150,37 @@ def test_odd_but_valid_inputs(blip_dir, image_dir, sample, originals, generated)
     Image.new("RGB", (10000, 10)).save(image_dir / "wide.png")
     frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
     frames[0].save(image_dir / "anim.gif", save_all=True, append_images=frames[1:])
-    config = dict(prompt="a photo of", prompt_key="p", image_root=str(image_dir), **GREEDY)
-    alone = run_dofn(CaptionConfig(blip_dir, **config), [sample])
+    return dict(prompt="a photo of", prompt_key="p", image_root=str(image_dir), **GREEDY)
+
+
+@pytest.mark.parametrize(
+    "sample, originals, generated", [o[1:] for o in ODD_BUT_VALID], ids=[o[0] for o in ODD_BUT_VALID]
+)
+def test_odd_but_valid_inputs(blip_dir, image_dir, odd_config, sample, originals, generated):
+    config = CaptionConfig(blip_dir, **odd_config)
+    alone = run_dofn(config, [sample])
     k = GREEDY["caption_num"]
     assert (len(alone["original"]), len(alone["generated"]), alone["failed"]) == (originals, generated * k, [])
     if "p" in sample:
         assert all("a photo of" in g["text"] for g in alone["generated"])
-    # Through the public transform, in a batch with good samples: they come out exactly as without it.
+    # In one batch with good samples: they come out exactly as they do each alone.
     good = good_samples(image_dir)
-    expected = run_dofn(CaptionConfig(blip_dir, **config), [*good, sample], batch_size=1)
+    expected = run_dofn(config, [*good, sample], batch_size=1)
+    together = run_dofn(config, [good[0], sample, *good[1:]], batch_size=4)
+    assert canonical(together["generated"] + together["original"]) == canonical(
+        expected["generated"] + expected["original"]
+    )
+    assert together["failed"] == []
+
+
+def test_every_odd_input_through_the_transform_at_once(blip_dir, image_dir, odd_config):
+    """All the odd inputs among the good samples through the public transform: nothing fails, and every sample
+    comes out as it does alone."""
+    config = CaptionConfig(blip_dir, **odd_config)
+    samples = [*good_samples(image_dir), *(sample for _, sample, _, _ in ODD_BUT_VALID)]
+    expected = run_dofn(config, samples, batch_size=1)
     with TestPipeline() as p:
-        result = (
-            p | beam.Create([good[0], sample, *good[1:]]) | CaptionImages(blip_dir, **config).with_exception_handling()
-        )
+        result = p | beam.Create(samples) | CaptionImages(blip_dir, **odd_config).with_exception_handling()
         assert_that(result.good, same_elements(expected["generated"] + expected["original"]), label="good")
         assert_that(result.failed, equal_to([]), label="failed")
 
@@ -266,4 +306,4 @@ def test_unreadable_file_fails_alone_even_as_root(blip_dir, image_dir, tmp_path,
             | CaptionImages(blip_dir, max_image_pixels=1_000_000, **GREEDY).with_exception_handling()
         )
         assert_that(result.good, same_elements(clean["generated"] + clean["original"]), label="good")
-        assert_that(result.failed, failed_with(bad, "permission denied"), label="failed")
+        assert_that(result.failed, failed_with([(bad, "permission denied")]), label="failed")
