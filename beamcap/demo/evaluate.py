@@ -1,10 +1,14 @@
-"""Measure the demo captioner on pictures from the 'eval' generator (never used in training).
+"""Measure the demo captioner on pictures from the held-out generator (never used in training).
 
-    python -m beamcap.demo.evaluate [--model DIR] [--n 600]
+    python -m beamcap.demo.evaluate [--model DIR] [--n 600] [--style heldout] [--dtype bfloat16]
 
-Greedy decoding through beamcap's own loading path. Prints, for single-shape
-pictures, how often the caption names the right colour and the right shape
-(both, and each), and the same for counts 2 and 3 including the count word.
+Pictures come from ``draw_scene(..., style='heldout')`` by default (see
+``beamcap/demo/shapes.py``: other canvas sizes, backgrounds, outlines,
+rotations and JPEG qualities than the training generator's); ``--style eval``
+measures on the first release's evaluation style instead. Greedy decoding
+through beamcap's own loading path. Prints, for each count (1, 2, 3), how often
+the caption names the right colour, the right shape (plural for 2 and 3), both,
+and all three with the count word.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import random
 
 from beamcap.config import CaptionConfig
 from beamcap.demo import demo_model_path
-from beamcap.demo.shapes import COLOURS, COUNT_WORDS, SHAPES, Scene, draw_scene
+from beamcap.demo.shapes import COLOURS, COUNT_WORDS, SHAPES, STYLES, Scene, draw_scene
 from beamcap.model import load_captioner
+
+SETTINGS = {"max_new_tokens": 8, "do_sample": False, "num_return_sequences": 1}
 
 
 def judge(scene: Scene, caption: str) -> dict[str, bool]:
@@ -31,29 +37,54 @@ def judge(scene: Scene, caption: str) -> dict[str, bool]:
     }
 
 
-def evaluate(model: str, n: int, seed: int = 1234, batch_size: int = 32) -> dict[int, dict[str, float]]:
+def make_pictures(n: int, seed: int = 1234, style: str = "heldout"):
+    """``n`` scenes per count (1, 2, 3), random colour and shape, and their pictures in ``style``."""
     rng = random.Random(seed)
-    captioner = load_captioner(CaptionConfig(model, do_sample=False, device="cpu"))
-    settings = {"max_new_tokens": 8, "do_sample": False, "num_return_sequences": 1}
     scenes = [Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), count) for count in (1, 2, 3) for _ in range(n)]
-    images = [draw_scene(s, rng, "eval") for s in scenes]
+    return scenes, [draw_scene(s, rng, style) for s in scenes]
+
+
+def caption_all(model: str, images, torch_dtype: str | None = None, batch_size: int = 32) -> list[str]:
+    """Greedy captions (at most 8 tokens) for ``images``, through beamcap's loading path."""
+    captioner = load_captioner(CaptionConfig(model, do_sample=False, device="cpu", torch_dtype=torch_dtype))
     captions = []
     for start in range(0, len(images), batch_size):
-        captions += [c[0] for c in captioner.caption(images[start : start + batch_size], None, settings)]
+        captions += [c[0] for c in captioner.caption(images[start : start + batch_size], None, SETTINGS)]
+    return captions
+
+
+def score(scenes, captions) -> dict[int, dict[str, float]]:
     results: dict[int, dict[str, float]] = {}
-    for count in (1, 2, 3):
+    for count in sorted({s.count for s in scenes}):
         judged = [judge(s, c) for s, c in zip(scenes, captions, strict=True) if s.count == count]
         results[count] = {k: sum(j[k] for j in judged) / len(judged) for k in judged[0]}
     return results
+
+
+def evaluate(
+    model: str,
+    n: int,
+    seed: int = 1234,
+    batch_size: int = 32,
+    style: str = "heldout",
+    torch_dtype: str | None = None,
+) -> dict[int, dict[str, float]]:
+    scenes, images = make_pictures(n, seed, style)
+    return score(scenes, caption_all(model, images, torch_dtype, batch_size))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
     parser.add_argument("--n", type=int, default=600, help="pictures per count (1, 2, 3)")
+    parser.add_argument("--style", default="heldout", choices=STYLES)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--dtype", default=None, help="torch_dtype to load the model in (default: float32)")
     args = parser.parse_args(argv)
-    results = evaluate(args.model or demo_model_path(), args.n)
-    print(f"{'shapes':>6} {'colour':>7} {'shape':>7} {'colour+shape':>13} {'+count':>7}   (n={args.n} each)")
+    results = evaluate(args.model or demo_model_path(), args.n, args.seed, style=args.style, torch_dtype=args.dtype)
+    print(
+        f"{'shapes':>6} {'colour':>7} {'shape':>7} {'colour+shape':>13} {'+count':>7}   (n={args.n} each, {args.style})"
+    )
     for count, r in results.items():
         print(f"{count:>6} {r['colour']:>7.1%} {r['shape']:>7.1%} {r['colour_and_shape']:>13.1%} {r['all']:>7.1%}")
 

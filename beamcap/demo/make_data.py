@@ -2,8 +2,10 @@
 
     python -m beamcap.demo.make_data --out beamcap/demo/data
 
-Pictures come from the 'eval' drawing style (not the one the demo model was
-trained on). ``truth.json`` maps each picture to its true caption.
+Pictures come from the 'eval' drawing style of ``shapes.py`` (the first
+release's evaluation style, kept unchanged so that this script redraws the same
+pictures; the demo model is trained on the 'train' style and measured on the
+'heldout' one). ``truth.json`` maps each picture to its true caption.
 """
 
 from __future__ import annotations
