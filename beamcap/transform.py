@@ -27,7 +27,7 @@ class UnsupportedRunnerError(ValueError):
 def refuse_unsafe_runner(runner: Any) -> None:
     """Refuse runners known to corrupt or drop multi-output results.
 
-    Beam 2.77's DaskRunner puts every output of a multi-output ParDo into one
+    Beam's DaskRunner (measured on 2.77) puts every output of a multi-output ParDo into one
     collection (originals, generated samples and failures would be mixed),
     computes only the last sink of a pipeline, and finalises WriteToText
     output empty, all while reporting success.

@@ -13,11 +13,10 @@ runs restarts only what died (a killed TaskManager, say); ``stop`` ends exactly 
 
 Jars. Beam's Flink runner for a Flink version is ``org.apache.beam:beam-runners-flink-<flink minor>``; its job
 server's main class is in it, so the runner and its dependencies are the job server. ``start`` uses the runner of
-the installed apache-beam when Maven serves it, and else the newest one it knows to resolve
-(:data:`FALLBACK_BEAM`): on this project's machines, Maven Central's mirror serves Beam's Flink runner only at
-2.62.0 (Flink 1.19.0), so the job server is Beam 2.62.0 while the Python SDK is the pinned 2.77.0. The portable
-API between them held for everything beamcap does (tests/test_flink.py); one difference seen: the job server does
-not know Beam 2.77's lineage metric and logs a warning (counters are unaffected).
+the installed apache-beam, so the job server and the Python SDK are the same release. On this project's machines,
+Maven Central's mirror serves Beam's Flink runner only at 2.62.0 (Flink 1.19.0), which is why requirements.txt pins
+apache-beam 2.62.0; where Maven serves no runner of the installed release, ``start`` falls back to
+:data:`FALLBACK_BEAM`'s and logs the mismatch.
 
 SDK workers run in Beam's PROCESS environment: each TaskManager starts ``python -m pipelines.flink_worker`` with the
 interpreter that ran ``start`` (so it has beamcap installed), one per TaskManager per job, reused by the job's tasks
@@ -182,7 +181,10 @@ def fetch_jars(cache: str) -> dict:
     if cluster is None:
         raise ClusterError(f"Maven does not serve Flink {flink}; see {folder}/cluster/maven.log")
     if beam != apache_beam.__version__:
-        _log(f"the job server is Beam {beam} (Flink {flink}); the Python SDK is Beam {apache_beam.__version__}")
+        _log(
+            f"warning: the job server is Beam {beam} (Flink {flink}) but the Python SDK is Beam "
+            f"{apache_beam.__version__}; they should be the same release (pip install apache-beam=={beam})"
+        )
     return {"beam": beam, "flink": flink, "jobserver": jobserver, "cluster": cluster}
 
 
