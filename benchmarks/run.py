@@ -1,6 +1,6 @@
 """beamcap beside the floor, the reference's method and RunInference: one run, one model, ratios.
 
-    python -m benchmarks.run --quick          # the demo model: a few minutes on 2 cores
+    python -m benchmarks.run --quick          # the demo model: about 40 s on 2 quiet cores
     python -m benchmarks.run                  # a BLIP with real (base) dimensions, random weights: slow on CPU
     python -m benchmarks.run --chat           # a tiny chat model (LLaVA, random weights): the chat input path
     python -m benchmarks.run --chat-base      # a LLaVA with 576 image tokens per image: slow on CPU
