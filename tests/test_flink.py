@@ -104,10 +104,43 @@ def stage_on_taskmanagers(port: int, jid: str, transform: str) -> dict[str, tupl
     return found
 
 
+def model_loads_in_logs(run_dir: str, since: dict[str, int]) -> dict[str, int]:
+    """Model loads beamcap logged in each TaskManager's log (its SDK workers log there) since ``since`` offsets."""
+    counts = {}
+    for path in glob.glob(os.path.join(run_dir, "logs", "taskmanager-*.log")):
+        with open(path, "rb") as f:
+            f.seek(since.get(path, 0))
+            counts[os.path.basename(path)] = sum(1 for line in f if b"Loaded " in line and b": family " in line)
+    return counts
+
+
+def log_offsets(run_dir: str) -> dict[str, int]:
+    return {p: os.path.getsize(p) for p in glob.glob(os.path.join(run_dir, "logs", "taskmanager-*.log"))}
+
+
 def demo_copy(root) -> str:
     """The demo data and recipe, in a folder of its own (the recipe's paths are relative to it)."""
     shutil.copytree(os.path.join(REPO, "beamcap", "demo", "data"), root / "beamcap" / "demo" / "data")
     return str(root)
+
+
+def test_the_demo_recipe_gives_directrunners_output_and_each_worker_loads_once(flink, tmp_path):
+    """The demo recipe (relative dataset_path and export_path) started in a folder the workers do not run in:
+    the same records as on DirectRunner, written where the launcher's paths say."""
+    recipe = ["--recipe", "beamcap/demo/data/recipe.yaml", "--do_sample", "false", "--failed_output", "out/failed"]
+    local = demo_copy(tmp_path / "local")
+    on_flink = demo_copy(tmp_path / "flink")
+    direct = caption(recipe, cwd=local)
+    offsets = log_offsets(flink["run_dir"])
+    summary = caption([*recipe, *flink["options"]], cwd=on_flink)
+    assert lines(f"{on_flink}/out/demo/captioned.jsonl") == lines(f"{local}/out/demo/captioned.jsonl")
+    assert len(lines(f"{on_flink}/out/demo/captioned.jsonl")) == 7
+    assert lines(f"{on_flink}/out/failed*") == lines(f"{local}/out/failed*") == []
+    counts = ("lines_read", "samples_in", "samples_failed", "images_captioned", "generated_samples", "records_written")
+    assert {k: summary[k] for k in counts} == {k: direct[k] for k in counts}
+    loads = model_loads_in_logs(flink["run_dir"], offsets)
+    assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1, loads  # one load per SDK worker at most
+    assert summary["model_loads"] <= sum(loads.values())
 
 
 def dataset(root, n: int, relative: bool = False) -> str:
@@ -124,7 +157,7 @@ def dataset(root, n: int, relative: bool = False) -> str:
     return str(root / "data.jsonl")
 
 
-def test_the_demo_recipe_with_relative_paths_candidates_and_failures_gives_directrunners_output(flink, tmp_path):
+def test_relative_paths_candidates_failures_and_large_model_give_directrunners_output(flink, tmp_path):
     """The bundled recipe, started in a folder the workers do not run in, on 24 samples whose input, output, failed
     output and image paths are all relative, with caption_num=3 'all', a missing image and a bad line, and one
     model per machine (large_model): outputs, failures and the summary's counts equal DirectRunner's, and both
