@@ -487,18 +487,14 @@ def main(argv: list[str] | None = None) -> None:
         f"model: {model} ({bench.dtype_name()} on {bench.captioner(cases[0]).info()['device']}; "
         f"the reference's method in {bench.reference_captioner(cases[0]).info()['dtype']})\n"
     )
-    compared = [f"floor {dtype}" for dtype in FLOORS] + ["reference", "runinference"]
-    names = {"reference": "reference", "runinference": "RunInference", **{f"floor {d}": f"{d} floor" for d in FLOORS}}
-    print(
-        "| case | "
-        + " | ".join(f"{names[k]} img/s" for k in compared[:2])
-        + " | beamcap img/s | "
-        + " | ".join(f"{names[k]} img/s" for k in compared[2:])
-        + " | "
-        + " | ".join(f"beamcap/{names[k]}" for k in compared)
-        + " |"
-    )
-    print("|---" * (2 + 2 * len(compared)) + "|")
+    floors = [f"floor {dtype}" for dtype in FLOORS]
+    compared = [*floors, "reference", "runinference"]  # beamcap's rate over each of these
+    columns = [*floors, "beamcap", "reference", "runinference"]  # the rates, in the table's order
+    names = {"beamcap": "beamcap", "reference": "reference", "runinference": "RunInference",
+             **{f"floor {d}": f"{d} floor" for d in FLOORS}}  # fmt: skip
+    header = [f"{names[k]} img/s" for k in columns] + [f"beamcap/{names[k]}" for k in compared]
+    print("| case | " + " | ".join(header) + " |")
+    print("|---" * (1 + len(header)) + "|")
     shares = []
     for case in cases:
         times = measure(bench, case, repeats)
@@ -506,9 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         med = {k: median_spread(v) for k, v in rate.items()}
         ratio = {k: median_spread([a / b for a, b in zip(rate["beamcap"], rate[k], strict=True)])
                  for k in compared}  # fmt: skip
-        cells = [
-            f"{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in (med[k] for k in (*compared[:2], "beamcap", *compared[2:]))
-        ]
+        cells = [f"{m:.2f} ({lo:.2f}-{hi:.2f})" for m, lo, hi in (med[k] for k in columns)]
         cells += [f"{m:.2f}x ({lo:.2f}-{hi:.2f})" for m, lo, hi in ratio.values()]
         print(f"| {case.label()} | " + " | ".join(cells) + " |", flush=True)
         shares.append((case, median_spread([a / b for a, b in zip(times["inputs"], times["beamcap"], strict=True)])))

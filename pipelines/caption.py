@@ -311,13 +311,14 @@ def summary(result: beam.runners.runner.PipelineResult, wall_secs: float) -> dic
     samples in = samples captioned or passed through + samples failed; and the dtype the model ran in."""
     metrics = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
     totals: dict[str, Any] = dict.fromkeys(SUMMARY_COUNTERS, 0)
+    dtypes = set()
     for counter in metrics["counters"]:
         name = counter.key.metric.name
-        totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
-    dtypes = sorted(name.removeprefix(LOADS_IN) for name in totals if name.startswith(LOADS_IN))
-    for dtype in dtypes:
-        del totals[LOADS_IN + dtype]
-    totals["dtype"] = ",".join(dtypes) or None
+        if name.startswith(LOADS_IN):
+            dtypes.add(name.removeprefix(LOADS_IN))
+        else:
+            totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
+    totals["dtype"] = ",".join(sorted(dtypes)) or None
     totals["wall_secs"] = round(wall_secs, 1)
     images = totals.get("images_captioned", 0)
     totals["images_per_sec"] = round(images / wall_secs, 2) if wall_secs > 0 else 0.0

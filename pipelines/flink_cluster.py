@@ -55,6 +55,8 @@ DEFAULT_CACHE = os.environ.get(
 )
 DEFAULT_RUN_DIR = os.environ.get("BEAMCAP_FLINK_RUN_DIR", "/tmp/beamcap-flink")
 DEFAULT_PORTS = {"rest": 8081, "rpc": 6123, "blob": 6124, "job": 8099, "artifact": 8098}
+PARALLELISM = 2
+"""A job's parallelism: half the default 4 slots, so a lost TaskManager's work has free slots to run again on."""
 
 JAVA_OPENS = [  # what Flink's own distribution passes to Java 17
     *(f"--add-exports={m}=ALL-UNNAMED" for m in (
@@ -99,9 +101,9 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def rest(port: int, path: str) -> dict:
+def rest(port: int, path: str, timeout: float = 5) -> dict:
     """GET a JSON document from the JobManager's REST API."""
-    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -125,8 +127,7 @@ def _maven_classpath(folder: str, dependencies: list[tuple[str, str, str]], repo
     if os.path.exists(missing):
         return None
     if os.path.exists(done):
-        with open(listing) as f:
-            jars = [j for j in f.read().strip().split(os.pathsep) if j]
+        jars = _read_classpath(listing)
         if jars and all(os.path.exists(j) for j in jars):
             return jars
     os.makedirs(folder, exist_ok=True)
@@ -150,10 +151,15 @@ def _maven_classpath(folder: str, dependencies: list[tuple[str, str, str]], repo
     if status != 0 or not os.path.exists(listing):
         open(missing, "w").close()
         return None
-    with open(listing) as f:
-        jars = [j for j in f.read().strip().split(os.pathsep) if j]
+    jars = _read_classpath(listing)
     open(done, "w").close()
     return jars
+
+
+def _read_classpath(listing: str) -> list[str]:
+    """The jars Maven's ``dependency:build-classpath`` wrote to ``listing``."""
+    with open(listing) as f:
+        return [j for j in f.read().strip().split(os.pathsep) if j]
 
 
 def fetch_jars(cache: str) -> dict:
@@ -202,7 +208,7 @@ def flink_config(args: argparse.Namespace, run_dir: str) -> dict:
         "taskmanager.memory.network.min": "256m", "taskmanager.memory.network.max": "256m",
         "rest.address": HOST, "rest.bind-address": HOST, "rest.port": args.ports["rest"],
         "blob.server.port": args.ports["blob"], "io.tmp.dirs": os.path.join(run_dir, "tmp"),
-        "parallelism.default": 2, "cluster.evenly-spread-out-slots": "true",
+        "parallelism.default": PARALLELISM, "cluster.evenly-spread-out-slots": "true",
         "heartbeat.interval": 2000, "heartbeat.timeout": 10000, "web.submit.enable": "false",
         "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": args.restart_attempts,
         "restart-strategy.fixed-delay.delay": "2 s",
@@ -224,15 +230,15 @@ def _java(name: str, classpath: list[str], main: str, run_dir: str, jvm: list[st
     ]  # fmt: skip
 
 
-def _memory_flags(classpath: list[str], conf: str, what: str) -> list[str]:
-    """The JVM and -D memory settings Flink's own start scripts compute (``BashJavaUtils``)."""
+def _memory_flags(classpath: list[str], conf: str, what: str) -> tuple[list[str], list[str]]:
+    """The memory settings Flink's own start scripts compute (``BashJavaUtils``): (JVM flags, program arguments)."""
     main = "org.apache.flink.runtime.util.bash.BashJavaUtils"
     out = subprocess.run(["java", *JVM, "-cp", os.pathsep.join(classpath), main, what, "--configDir", conf],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     results = [line.split(":", 1)[1] for line in out.stdout.splitlines() if line.startswith("BASH_JAVA_UTILS_EXEC")]
     if out.returncode != 0 or len(results) < 2:
         raise ClusterError(f"Flink could not size the {what} memory:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return [*results[0].split(), "--configDir", conf, *results[1].split()]
+    return results[0].split(), ["--configDir", conf, *results[1].split()]
 
 
 def commands(state: dict) -> dict[str, list[str]]:
@@ -370,8 +376,8 @@ def start(args: argparse.Namespace) -> dict:
             "taskmanagers": args.taskmanagers, "slots": args.slots, "worker": worker,
             "jobserver": jars["jobserver"], "cluster": jars["cluster"], "components": {},
             "memory": {
-                "jm": _split(_memory_flags(jars["cluster"], conf, "GET_JM_RESOURCE_PARAMS")),
-                "tm": _split(_memory_flags(jars["cluster"], conf, "GET_TM_RESOURCE_PARAMS")),
+                "jm": _memory_flags(jars["cluster"], conf, "GET_JM_RESOURCE_PARAMS"),
+                "tm": _memory_flags(jars["cluster"], conf, "GET_TM_RESOURCE_PARAMS"),
             },
         }  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -391,12 +397,6 @@ def start(args: argparse.Namespace) -> dict:
         _save_state(state)
         raise
     return state
-
-
-def _split(flags: list[str]) -> tuple[list[str], list[str]]:
-    """Flink's computed flags as (JVM flags, program arguments)."""
-    at = flags.index("--configDir")
-    return flags[:at], flags[at:]
 
 
 def stop(run_dir: str) -> None:
@@ -420,7 +420,7 @@ def pipeline_options(state: dict) -> list[str]:
         "--environment_type=PROCESS",
         "--environment_config=" + json.dumps({"command": state["worker"]}, separators=(",", ":")),
         "--environment_cache_millis=60000",
-        "--parallelism=2",
+        f"--parallelism={PARALLELISM}",
     ]
 
 

@@ -17,10 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from helpers import IMG
+
+from pipelines import flink_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.flink]
 
@@ -85,8 +86,8 @@ def lines(pattern: str) -> list[str]:
 
 
 def rest(port: int, path: str) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-        return json.loads(response.read())
+    """The JobManager's REST API, with more patience than beamcap-flink's (a TaskManager may be dying)."""
+    return flink_cluster.rest(port, path, timeout=10)
 
 
 def latest_job(port: int) -> str:
