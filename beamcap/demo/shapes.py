@@ -53,6 +53,7 @@ styles draw from different distributions:
 from __future__ import annotations
 
 import colorsys
+import functools
 import io
 import math
 import random
@@ -94,12 +95,12 @@ class Scene:
         return f"{COUNT_WORDS[self.count]} {self.colour} {noun}"
 
 
-def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, ...]:
-    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
-
-
 def _clip(rgb) -> tuple[int, int, int]:
     return tuple(max(0, min(255, round(c))) for c in rgb)
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, ...]:
+    return _clip(c + rng.randint(-amount, amount) for c in rgb)
 
 
 def _jpeg(image: Image.Image, quality: int) -> Image.Image:
@@ -183,16 +184,15 @@ def _varied_colour(rng: random.Random) -> tuple[int, int, int]:
     return _clip((255 * r, 255 * g, 255 * b))
 
 
-_NOISE_TILE: np.ndarray | None = None
+@functools.cache
+def _noise_tile() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
 
 
 def _varied_noise(width: int, height: int, sigma: float, rng: random.Random) -> np.ndarray:
     """Grey Gaussian noise (one value for all three channels): a random crop of a fixed, seeded tile."""
-    global _NOISE_TILE
-    if _NOISE_TILE is None:
-        _NOISE_TILE = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
     x, y = rng.randrange(512 - min(width, 512) + 1), rng.randrange(512 - min(height, 512) + 1)
-    tile = np.tile(_NOISE_TILE, (math.ceil(height / 512), math.ceil(width / 512)))
+    tile = np.tile(_noise_tile(), (math.ceil(height / 512), math.ceil(width / 512)))
     return tile[y : y + height, x : x + width, None] * sigma
 
 
