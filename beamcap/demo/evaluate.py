@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=600, help="pictures per count (1, 2, 3)")
     parser.add_argument("--style", default="heldout", choices=STYLES)
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--dtype", default=None, help="torch_dtype to load the model in (default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="torch_dtype to load the model in (default: beamcap's CPU default, float32 without AMX-BF16)",
+    )
     args = parser.parse_args(argv)
     results = evaluate(args.model or demo_model_path(), args.n, args.seed, style=args.style, torch_dtype=args.dtype)
     print(
