@@ -56,6 +56,8 @@ DEFAULT_CACHE = os.environ.get(
 DEFAULT_RUN_DIR = os.environ.get("BEAMCAP_FLINK_RUN_DIR", "/tmp/beamcap-flink")
 DEFAULT_PORTS = {"rest": 8081, "rpc": 6123, "blob": 6124, "job": 8099, "artifact": 8098}
 PARALLELISM = 2
+# How long a "Maven does not serve this" answer is trusted before asking again (a network failure looks the same).
+RETRY_UNAVAILABLE_AFTER_S = 24 * 3600
 """A job's parallelism: half the default 4 slots, so a lost TaskManager's work has free slots to run again on."""
 
 JAVA_OPENS = [  # what Flink's own distribution passes to Java 17
@@ -123,9 +125,12 @@ def _maven_classpath(folder: str, dependencies: list[tuple[str, str, str]], repo
     """The jars of these Maven dependencies and everything they need, resolved into ``repo`` once (None: not
     served)."""
     listing, done = os.path.join(folder, "classpath.txt"), os.path.join(folder, ".complete")
-    missing = os.path.join(folder, ".unavailable")  # Maven said no once: not asked again (delete it to retry)
-    if os.path.exists(missing):
-        return None
+    missing = os.path.join(folder, ".unavailable")  # Maven said no: not asked again for a day (delete it to retry)
+    try:
+        if time.time() - os.path.getmtime(missing) < RETRY_UNAVAILABLE_AFTER_S:
+            return None
+    except FileNotFoundError:
+        pass
     if os.path.exists(done):
         jars = _read_classpath(listing)
         if jars and all(os.path.exists(j) for j in jars):
