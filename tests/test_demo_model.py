@@ -15,7 +15,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that
 from helpers import EOC, IMG
 
 from beamcap import CaptionImages, demo_model_path
-from beamcap.demo.shapes import COLOURS, SHAPES, Scene, draw_scene
+from beamcap.demo.shapes import COLOURS, SHAPES, Scene, draw_scene, random_scene
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_JOB_FLAGS = ["--hf_img2seq", "beamcap-demo", "--do_sample", "false", "--num_shards", "1"]
@@ -124,18 +124,46 @@ def test_bundled_demo_data_is_captioned_truthfully(tmp_path):
     assert total == 5 and right >= 4, (right, total)
 
 
-@pytest.mark.slow
-def test_training_script_smoke(tmp_path):
+def test_first_stage_draws_the_first_release_pictures():
+    """Stage 1 ('train', no 'train' share) must draw the same pictures from the same seed as the first release,
+    so that it still trains the first release's model; a share of 'train' pictures in stage 2 draws a mix."""
     from beamcap.demo import train
 
-    train.main(["--out", str(tmp_path / "m"), "--steps", "6", "--batch_size", "4"])
+    processor = train.build_processor()
+    inputs, _ = train.make_batch(processor, random.Random(3), 6)
+    rng = random.Random(3)
+    expected = []
+    for _ in range(6):
+        scene = random_scene(rng)
+        expected.append(draw_scene(scene, rng, "train"))
+        rng.choice(train.PROMPTS) if rng.random() < 0.3 else None
+    assert inputs["pixel_values"].equal(processor(images=expected, return_tensors="pt")["pixel_values"])
+    varied, _ = train.make_batch(processor, random.Random(3), 6, style="varied")
+    mixed, _ = train.make_batch(processor, random.Random(3), 6, style="varied", train_share=0.5)
+    assert not varied["pixel_values"].equal(inputs["pixel_values"])
+    assert not mixed["pixel_values"].equal(varied["pixel_values"])
+
+
+@pytest.mark.slow
+def test_training_script_smoke(tmp_path):
+    """Both stages of the shipped recipe, a few steps each: from scratch, then from stage 1 on 'varied' pictures
+    with a moving average; each result loads through beamcap's loading path and captions."""
     from beamcap.config import CaptionConfig
+    from beamcap.demo import train
     from beamcap.model import load_captioner
 
-    captioner = load_captioner(CaptionConfig(str(tmp_path / "m"), device="cpu"))
-    image = draw_scene(Scene("red", "circle", 1), random.Random(0), "train")
+    first, second = str(tmp_path / "one"), str(tmp_path / "two")
+    train.main(["--out", first, "--steps", "6", "--batch_size", "4"])
+    train.main(
+        ["--init", first, "--out", second, "--style", "varied", "--train_share", "0.2", "--ema", "0.9"]
+        + ["--steps", "3", "--batch_size", "4"]
+    )
+    image = draw_scene(Scene("red", "circle", 1), random.Random(0), "varied")
     settings = {"max_new_tokens": 3, "do_sample": True, "num_return_sequences": 2}
-    assert len(captioner.caption([image], None, settings)[0]) == 2
+    for folder in (first, second):
+        assert len(load_captioner(CaptionConfig(folder, device="cpu")).caption([image], None, settings)[0]) == 2
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "x"), "--ema", "1.0"])
 
 
 @pytest.mark.slow
