@@ -56,9 +56,10 @@ DEFAULT_CACHE = os.environ.get(
 DEFAULT_RUN_DIR = os.environ.get("BEAMCAP_FLINK_RUN_DIR", "/tmp/beamcap-flink")
 DEFAULT_PORTS = {"rest": 8081, "rpc": 6123, "blob": 6124, "job": 8099, "artifact": 8098}
 PARALLELISM = 2
-# How long a "Maven does not serve this" answer is trusted before asking again (a network failure looks the same).
-RETRY_UNAVAILABLE_AFTER_S = 24 * 3600
 """A job's parallelism: half the default 4 slots, so a lost TaskManager's work has free slots to run again on."""
+RETRY_UNAVAILABLE_AFTER_S = 24 * 3600
+"""How long a "Maven does not serve this" answer is trusted before Maven is asked again (a network failure looks the
+same): the marker ``.unavailable`` in the cache folder; delete it to ask at once."""
 
 JAVA_OPENS = [  # what Flink's own distribution passes to Java 17
     *(f"--add-exports={m}=ALL-UNNAMED" for m in (
@@ -180,7 +181,10 @@ def fetch_jars(cache: str) -> dict:
         jobserver = _maven_classpath(os.path.join(folder, "jobserver"), [runner, *log4j], repo)
         if jobserver is not None:
             break
-        _log(f"Maven does not serve {':'.join(runner)} with all its dependencies")
+        _log(
+            f"Maven does not serve {':'.join(runner)} with all its dependencies (answer cached for a day in "
+            f"{folder}/jobserver/.unavailable: delete it to ask again)"
+        )
     else:
         raise ClusterError(
             f"Maven serves no Beam Flink runner for Flink {FLINK_MINOR}; see {folder}/jobserver/maven.log"

@@ -23,3 +23,35 @@ def test_a_refusal_is_trusted_for_a_day_then_maven_is_asked_again(tmp_path, monk
     os.utime(marker, (old, old))
     with pytest.raises(flink_cluster.ClusterError, match="Maven"):
         flink_cluster._maven_classpath(str(folder), RUNNER, str(tmp_path / "repo"))
+
+
+def _fake_maven(tmp_path, monkeypatch, body: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    mvn = bin_dir / "mvn"
+    mvn.write_text("#!/bin/sh\n" + body)
+    mvn.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+
+def test_a_new_refusal_renews_the_marker_and_an_answer_is_read_and_kept(tmp_path, monkeypatch):
+    folder, repo = tmp_path / "jobserver", str(tmp_path / "repo")
+    folder.mkdir()
+    marker = folder / ".unavailable"
+    marker.touch()
+    old = time.time() - flink_cluster.RETRY_UNAVAILABLE_AFTER_S - 60
+    os.utime(marker, (old, old))
+    _fake_maven(tmp_path, monkeypatch, "exit 1\n")
+    assert flink_cluster._maven_classpath(str(folder), RUNNER, repo) is None
+    assert time.time() - marker.stat().st_mtime < 60  # asked again, refused again: trusted for another day
+
+    marker.unlink()
+    jar = tmp_path / "runner.jar"
+    jar.touch()
+    # Maven writes the classpath to the file named by -Dmdep.outputFile=...
+    _fake_maven(
+        tmp_path, monkeypatch, f'for a; do case "$a" in -Dmdep.outputFile=*) echo "{jar}" > "${{a#*=}}";; esac; done\n'
+    )
+    assert flink_cluster._maven_classpath(str(folder), RUNNER, repo) == [str(jar)]
+    _fake_maven(tmp_path, monkeypatch, "exit 1\n")  # the answer is cached: Maven is not asked again
+    assert flink_cluster._maven_classpath(str(folder), RUNNER, repo) == [str(jar)]

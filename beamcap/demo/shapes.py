@@ -302,7 +302,7 @@ def _draw_heldout(scene: Scene, rng: random.Random) -> Image.Image:
     return _jpeg(image, rng.randint(30, 100))
 
 
-# --- 'train' and 'eval' (the first release's styles: the bundled model and pictures come from them) ---------
+# --- 'train' and 'eval' (the first release's styles: training stage 1 and the bundled pictures) -------------
 
 
 def _draw_legacy_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, outline, rng):
@@ -320,7 +320,7 @@ def _draw_legacy_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: flo
 
 
 def _draw_legacy(scene: Scene, rng: random.Random, style: str) -> Image.Image:
-    """The first release's two styles: 'train' (the bundled model's training pictures) and 'eval'."""
+    """The first release's two styles: 'train' (stage 1's training pictures, 15% of stage 2's) and 'eval'."""
     if style == "train":
         width, height = rng.randint(64, 320), rng.randint(64, 320)
         tint = rng.randint(200, 255)

@@ -1,8 +1,8 @@
-"""Train the demo captioner: a small BLIP, from scratch, on procedural shape pictures.
+"""Train the demo captioner: a small BLIP, from scratch or from a previous stage, on procedural shape pictures.
 
 The shipped model is trained in two stages (``shapes.py`` describes the styles):
 
-    # 1. from scratch on the 'train' style (the first release's model, byte for byte)
+    # 1. from scratch on the 'train' style (the first release's recipe and pictures)
     python -m beamcap.demo.train --out /tmp/demo-stage1
     # 2. from stage 1 on the 'varied' style (15% 'train'), with an average of the weights
     python -m beamcap.demo.train --init /tmp/demo-stage1 --out beamcap/demo/model \
@@ -10,7 +10,8 @@ The shipped model is trained in two stages (``shapes.py`` describes the styles):
 
     python -m beamcap.demo.train --out /tmp/m --steps 30          # a smoke run
 
-The held-out style that ``evaluate.py`` measures on is never drawn here.
+The held-out style that ``evaluate.py`` measures on is never drawn here. The
+shipped model's stage 2 started from the first release's weights.
 Seeded and reproducible on the same machine and library versions (the weights
 also depend on ``--threads``). The output is a ``save_pretrained`` folder
 (model + processor), loaded like any hub model.
@@ -117,12 +118,17 @@ def train(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     processor = build_processor()
-    model = BlipForConditionalGeneration.from_pretrained(init) if init else build_model(processor)
+    if init:
+        model = BlipForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        if model.config.text_config.vocab_size != len(processor.tokenizer):
+            raise ValueError(f"{init} has a vocabulary of {model.config.text_config.vocab_size} words, not the demo's")
+    else:
+        model = build_model(processor)
     model.train()
     averaged = None
     if ema:
         averaged = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema), use_buffers=True
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema)
         )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -165,11 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error("--steps and --batch_size must be at least 1")
+    if not 0.0 <= args.train_share <= 1.0 or not 0.0 <= args.ema < 1.0:
+        parser.error("--train_share must be in [0, 1] and --ema in [0, 1)")
+    if args.train_share and args.style == "train":
+        parser.error("--train_share mixes 'train' pictures into another style: use it with --style varied")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    if not 0.0 <= args.train_share <= 1.0 or not 0.0 <= args.ema < 1.0:
-        parser.error("--train_share must be in [0, 1] and --ema in [0, 1)")
     train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.init, args.style, args.train_share, args.ema)
 
 
