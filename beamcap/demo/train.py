@@ -40,7 +40,7 @@ TRAINING_STYLES = ("train", "varied")
 
 _LOGGER = logging.getLogger(__name__)
 IMAGE_SIZE = 96
-PATCH_SIZE = 12
+PATCH_SIZE = 8  # 144 patches of 8x8 at 96x96
 
 
 def build_processor() -> BlipProcessor:
@@ -59,7 +59,7 @@ def build_model(processor: BlipProcessor) -> BlipForConditionalGeneration:
             num_hidden_layers=4,
             num_attention_heads=4,
             image_size=IMAGE_SIZE,
-            patch_size=8,
+            patch_size=PATCH_SIZE,
         ),
         text_config=dict(
             vocab_size=len(tok),
