@@ -57,9 +57,10 @@ DEFAULT_RUN_DIR = os.environ.get("BEAMCAP_FLINK_RUN_DIR", "/tmp/beamcap-flink")
 DEFAULT_PORTS = {"rest": 8081, "rpc": 6123, "blob": 6124, "job": 8099, "artifact": 8098}
 PARALLELISM = 2
 """A job's parallelism: half the default 4 slots, so a lost TaskManager's work has free slots to run again on."""
+UNAVAILABLE = ".unavailable"
+"""The marker of a "Maven does not serve this" answer, in the resolution's cache folder; delete it to ask at once."""
 RETRY_UNAVAILABLE_AFTER_S = 24 * 3600
-"""How long a "Maven does not serve this" answer is trusted before Maven is asked again (a network failure looks the
-same): the marker ``.unavailable`` in the cache folder; delete it to ask at once."""
+"""How long that answer is trusted before Maven is asked again (a network failure looks the same)."""
 
 JAVA_OPENS = [  # what Flink's own distribution passes to Java 17
     *(f"--add-exports={m}=ALL-UNNAMED" for m in (
@@ -126,7 +127,7 @@ def _maven_classpath(folder: str, dependencies: list[tuple[str, str, str]], repo
     """The jars of these Maven dependencies and everything they need, resolved into ``repo`` once (None: not
     served)."""
     listing, done = os.path.join(folder, "classpath.txt"), os.path.join(folder, ".complete")
-    missing = os.path.join(folder, ".unavailable")  # Maven said no: not asked again for a day (delete it to retry)
+    missing = os.path.join(folder, UNAVAILABLE)
     try:
         if time.time() - os.path.getmtime(missing) < RETRY_UNAVAILABLE_AFTER_S:
             return None
@@ -178,17 +179,16 @@ def fetch_jars(cache: str) -> dict:
         folder = os.path.join(cache, f"beam-{beam}-flink-{FLINK_MINOR}")
         runner = ("org.apache.beam", f"beam-runners-flink-{FLINK_MINOR}", beam)
         _log(f"resolving {':'.join(runner)} with Maven (cached in {cache})")
-        jobserver = _maven_classpath(os.path.join(folder, "jobserver"), [runner, *log4j], repo)
+        resolved = os.path.join(folder, "jobserver")
+        jobserver = _maven_classpath(resolved, [runner, *log4j], repo)
         if jobserver is not None:
             break
         _log(
             f"Maven does not serve {':'.join(runner)} with all its dependencies (answer cached for a day in "
-            f"{folder}/jobserver/.unavailable: delete it to ask again)"
+            f"{os.path.join(resolved, UNAVAILABLE)}: delete it to ask again)"
         )
     else:
-        raise ClusterError(
-            f"Maven serves no Beam Flink runner for Flink {FLINK_MINOR}; see {folder}/jobserver/maven.log"
-        )
+        raise ClusterError(f"Maven serves no Beam Flink runner for Flink {FLINK_MINOR}; see {resolved}/maven.log")
     flink = next(os.path.basename(j)[len("flink-runtime-") : -len(".jar")] for j in jobserver
                  if os.path.basename(j).startswith("flink-runtime-"))  # fmt: skip
     flink_only = [("org.apache.flink", a, flink) for a in ("flink-runtime", "flink-clients", "flink-java")]

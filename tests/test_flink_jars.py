@@ -12,11 +12,19 @@ from pipelines import flink_cluster
 RUNNER = [("org.apache.beam", "beam-runners-flink-1.19", "0.0.0-none")]
 
 
-def test_a_refusal_is_trusted_for_a_day_then_maven_is_asked_again(tmp_path, monkeypatch):
+def _refused(tmp_path, days_ago: float = 0):
+    """A cache folder holding Maven's refusal, given ``days_ago``; the folder and the marker."""
     folder = tmp_path / "jobserver"
     folder.mkdir()
-    marker = folder / ".unavailable"
+    marker = folder / flink_cluster.UNAVAILABLE
     marker.touch()
+    when = time.time() - days_ago * 24 * 3600
+    os.utime(marker, (when, when))
+    return folder, marker
+
+
+def test_a_refusal_is_trusted_for_a_day_then_maven_is_asked_again(tmp_path, monkeypatch):
+    folder, marker = _refused(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "no-maven-here"))  # asking Maven would fail loudly
     assert flink_cluster._maven_classpath(str(folder), RUNNER, str(tmp_path / "repo")) is None
     old = time.time() - flink_cluster.RETRY_UNAVAILABLE_AFTER_S - 60
@@ -35,12 +43,8 @@ def _fake_maven(tmp_path, monkeypatch, body: str) -> None:
 
 
 def test_a_new_refusal_renews_the_marker_and_an_answer_is_read_and_kept(tmp_path, monkeypatch):
-    folder, repo = tmp_path / "jobserver", str(tmp_path / "repo")
-    folder.mkdir()
-    marker = folder / ".unavailable"
-    marker.touch()
-    old = time.time() - flink_cluster.RETRY_UNAVAILABLE_AFTER_S - 60
-    os.utime(marker, (old, old))
+    folder, marker = _refused(tmp_path, days_ago=1.01)
+    repo = str(tmp_path / "repo")
     _fake_maven(tmp_path, monkeypatch, "exit 1\n")
     assert flink_cluster._maven_classpath(str(folder), RUNNER, repo) is None
     assert time.time() - marker.stat().st_mtime < 60  # asked again, refused again: trusted for another day

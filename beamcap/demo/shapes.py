@@ -13,18 +13,18 @@ styles draw from different distributions:
     55-95.
 
 ``'varied'``
-    The second training stage's style (``python -m beamcap.demo.train
-    --style varied``, see README: the bundled model scores 82-84% on
-    ``'heldout'`` after it, against 30-39% before). Canvas sides log-uniform
-    in 48-480 px (aspect ratio at most 2:1); backgrounds of any grey level or
-    any hue at low saturation, 40% of them linear gradients at any angle, half with Gaussian
-    noise (sigma up to 14); shape sizes log-uniform per picture (about 8-55% of
-    the short side, less for 2 and 3 shapes) times 0.7-1.3 per shape; squares
-    and triangles rotated to any angle (20% left upright), triangle corners
-    jittered by up to 8%; fill colours jittered by +-30 per channel; half the
-    pictures outlined (any grey, or a darker or lighter shade of the fill, 1 px
-    up to 12% of the shape); half drawn at 2-4x and downsampled (anti-aliased);
-    JPEG quality 20-98.
+    The second training stage's style (``python -m beamcap.demo.train --style
+    varied``, see README: the bundled model scores 82-84% on ``'heldout'``
+    after it, against 30-39% before). Canvas sides log-uniform in 48-480 px
+    (aspect ratio at most 2:1); backgrounds of any grey level or any hue at
+    low saturation, 40% of them linear gradients at any angle, half with
+    Gaussian noise (sigma up to 14); shape sizes log-uniform per picture
+    (about 8-55% of the short side, less for 2 and 3 shapes) times 0.7-1.3 per
+    shape; squares and triangles rotated to any angle (20% left upright),
+    triangle corners jittered by up to 8%; fill colours jittered by +-30 per
+    channel; half the pictures outlined (any grey, or a darker or lighter
+    shade of the fill, 1 px up to 12% of the shape); half drawn at 2-4x and
+    downsampled (anti-aliased); JPEG quality 20-98.
 
 ``'heldout'``
     What ``python -m beamcap.demo.evaluate`` measures on; never used in
