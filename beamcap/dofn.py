@@ -10,6 +10,7 @@ parsed and grouped into one call (:mod:`beamcap.samples`,
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -62,16 +63,14 @@ class CaptionDoFn(beam.DoFn):
             for info in self._models.claim_load_reports():
                 self._metrics.model_loaded(info)
         self._metrics.samples_in.inc(len(call))
-        for work in call:
-            if work.needs_captions:
-                load_images(work, self._config, self._draft_size)
         self._caption(call)
         yield from self._emit(call)
 
     def _caption(self, call: Sequence[Work]) -> None:
         """One ``generate`` call for the images of ``call`` (all with one prompt); a failed call is retried in
         halves, so only the images at fault fail. A single sample with more than ``gpu_batch_size`` images is
-        captioned in calls of ``gpu_batch_size``.
+        captioned in calls of ``gpu_batch_size``. Images are read and decoded call by call and dropped after it,
+        so at most ``gpu_batch_size`` decoded images are held, however many a sample names.
 
         An image that runs out of memory alone is not the sample's fault but the device's: it fails the bundle,
         loudly, as a model that cannot load does.
@@ -83,9 +82,8 @@ class CaptionDoFn(beam.DoFn):
         jobs = [(work, index) for work in call if work.needs_captions for index in work.plan.image_indices]
         if len({work.prompt for work, _ in jobs}) > 1:
             raise ValueError("one call's samples must share one prompt: batch them with beamcap.batching.into_calls")
-        size = self._config.gpu_batch_size
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start : start + size]
+        size, pending = self._config.gpu_batch_size, iter(jobs)
+        while chunk := self._next_chunk(pending, size):
             outcomes = call_isolating(
                 lambda part: self._generate(captioner, part),
                 chunk,
@@ -106,6 +104,25 @@ class CaptionDoFn(beam.DoFn):
                     ) from outcome
                 elif work.error is None:
                     work.error = f"{where}: captioning failed: {type(outcome).__name__}: {outcome}"
+            for work, index in chunk:
+                work.images.pop(index, None)
+
+    def _next_chunk(self, pending: Iterator[tuple[Work, int]], size: int) -> list[tuple[Work, int]]:
+        """The next ``size`` jobs (fewer at the end) whose images are decoded; jobs of failed samples are skipped."""
+        chunk: list[tuple[Work, int]] = []
+        while len(chunk) < size and (taken := list(itertools.islice(pending, size - len(chunk)))):
+            chunk += self._load(taken)
+        return chunk
+
+    def _load(self, jobs: Sequence[tuple[Work, int]]) -> list[tuple[Work, int]]:
+        """Decode the images of ``jobs`` (a sample that failed earlier is skipped); the jobs whose image is in."""
+        indices: dict[int, tuple[Work, list[int]]] = {}
+        for work, index in jobs:
+            indices.setdefault(id(work), (work, []))[1].append(index)
+        for work, wanted in indices.values():
+            if work.error is None:
+                load_images(work, self._config, self._draft_size, wanted)
+        return [(work, index) for work, index in jobs if work.error is None and index in work.images]
 
     def _generate(self, captioner, jobs: Sequence[tuple[Work, int]]) -> list[list[str]]:
         seeds = None

@@ -18,18 +18,25 @@ Reads are bounded by construction, whatever the reference points at:
   descriptor's own path), so swapping a folder for a symlink between a check
   and the open cannot escape the root;
 - images declaring more than ``max_pixels`` pixels are refused from their
-  header, before any pixel is decoded.
+  header, before any pixel is decoded;
+- only the raster formats in :data:`IMAGE_FORMATS` are decoded: formats whose
+  decoders run other programs (EPS runs Ghostscript) or decode pixels before
+  their size can be checked (ICO, ICNS) are refused by name.
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import io
 import os
+import socket
 import stat
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -43,6 +50,9 @@ DEFAULT_MAX_IMAGE_BYTES = 256 << 20
 # Pillow's own decompression-bomb threshold (its default when a caller has set it to None).
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
 _CHUNK = 1 << 20
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "PPM", "TGA", "JPEG2000", "AVIF")
+"""The Pillow formats decoded (JPEG includes its multi-picture variant, MPO); where the installed Pillow has no
+decoder for one of them, it is left out."""
 
 
 class ImageLoadError(Exception):
@@ -60,6 +70,19 @@ def describe_ref(ref: Any) -> str:
         return f"<{len(ref)} bytes>"
     text = repr(ref)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """``text`` as one printable line (control characters escaped) of at most ``limit`` characters: paths, and
+    the messages of servers and decoders, come from the input and go into errors and logs."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(error: BaseException) -> str:
+    return _printable(str(error))
 
 
 def _mebibytes(n: int) -> str:
@@ -117,7 +140,7 @@ def read_local(ref: Any, path: str, max_bytes: int, root: str | None = None) -> 
     """
     if "\0" in path:
         raise ImageLoadError(ref, "the path contains a NUL character")
-    tried = "" if path == ref else f" ({path})"  # the path tried, where it is not the reference itself
+    tried = "" if path == ref else f" ({_printable(path)})"  # the path tried, where it is not the reference itself
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
@@ -154,19 +177,92 @@ def read_local(ref: Any, path: str, max_bytes: int, root: str | None = None) -> 
 # --- remote references ----------------------------------------------------------------------------------------
 
 
+class _Sockets:
+    """The sockets a download's connections opened, so that the waiting caller can shut them down."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._closed = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.append(sock)
+            closed = self._closed
+        if closed:  # the caller gave up while this connection was being made
+            self._shut(sock)
+
+    def shut_all(self) -> None:
+        with self._lock:
+            self._closed = True
+            socks = list(self._open)
+        for sock in socks:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:  # wakes a read blocked in another thread, which then ends (close() alone would not)
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _opener(sockets: _Sockets) -> urllib.request.OpenerDirector:
+    """urllib's opener, with connections that record their sockets in ``sockets``."""
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self):
+            super().connect()
+            sockets.add(self.sock)
+
+    class SecureConnection(http.client.HTTPSConnection):
+        def connect(self):
+            super().connect()
+            sockets.add(self.sock)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(Connection, req)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(SecureConnection, req, context=self._context)
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+                raise urllib.error.HTTPError(newurl, code, "refused a redirect to a non-HTTP URL", headers, fp)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    # HTTP(S) only (no ftp:, file: or data: handlers, which a redirect could otherwise reach).
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.ProxyHandler(),
+        urllib.request.UnknownHandler(),
+        Handler(),
+        SecureHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        Redirects(),
+        urllib.request.HTTPErrorProcessor(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
 def download(ref: Any, url: str, max_bytes: int, timeout: float) -> bytes:
     """The body at ``url``: at most ``max_bytes``, and all of it within ``timeout`` seconds.
 
-    The download runs in a helper thread; when the time is up, the caller stops waiting, closes the connection
-    (which ends the helper's read) and fails the reference.
+    The download runs in a helper thread; when the time is up, the caller stops waiting, shuts down the
+    connection's socket (which ends the helper's read, whether it waits for headers or body, so no thread or
+    socket outlives the download) and fails the reference.
     """
     deadline = time.monotonic() + timeout
     result: dict[str, Any] = {}
+    sockets = _Sockets()
 
     def fetch() -> None:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme checked)
-                result["response"] = response
+            with _opener(sockets).open(url, timeout=timeout) as response:
                 length = response.headers.get("Content-Length")
                 if length and length.isdigit() and int(length) > max_bytes:
                     raise ImageLoadError(
@@ -182,29 +278,30 @@ def download(ref: Any, url: str, max_bytes: int, timeout: float) -> bytes:
     helper.start()
     helper.join(max(0.0, deadline - time.monotonic()))
     if helper.is_alive():
-        response = result.get("response")
-        if response is not None:
-            response.close()
+        sockets.shut_all()
         raise ImageLoadError(ref, f"cannot download: no complete answer within {timeout:g} s")
     error = result.get("error")
     if isinstance(error, ImageLoadError):
         raise error
     if error is not None:
-        raise ImageLoadError(ref, f"cannot download: {type(error).__name__}: {error}") from None
+        raise ImageLoadError(ref, f"cannot download: {type(error).__name__}: {_short(error)}") from None
     return result["data"]
 
 
 def read_filesystem(ref: Any, path: str, max_bytes: int) -> bytes:
     """The bytes of a file on a Beam filesystem (``gs://``, ``s3://``, ...), at most ``max_bytes``."""
+    from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
     try:
-        with FileSystems.open(path) as f:
+        # Read as stored: never decompressed on the way (a small .bz2 object can expand to gigabytes before the
+        # byte limit could see it, since Beam decompresses whole chunks).
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             return _read_bounded(f, ref, max_bytes)
     except ImageLoadError:
         raise
     except Exception as e:  # Beam filesystems raise many kinds of errors
-        raise ImageLoadError(ref, f"cannot read {path}: {type(e).__name__}: {e}") from e
+        raise ImageLoadError(ref, f"cannot read {_printable(path)}: {type(e).__name__}: {_short(e)}") from e
 
 
 def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None = None) -> str:
@@ -265,11 +362,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     and 16/32-bit greyscale scaled down rather than clipped."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I"):  # 16/32-bit greyscale
-        values = np.asarray(image, dtype=np.float64)
-        top = 255.0 if values.max(initial=0) <= 255 else 65535.0
-        grey = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+    if image.mode.startswith("I"):  # 16/32-bit greyscale, in integers (a float copy would be 8 bytes a pixel)
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32, copy=False)
+        if values.max(initial=0) > 255:
+            values *= 255
+            values //= 65535
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
     if image.mode == "F":
         return image.convert("L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
@@ -277,6 +375,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """:data:`IMAGE_FORMATS` that this Pillow decodes, in Pillow's own order of trying them."""
+    Image.init()
+    return tuple(f for f in Image.ID if f in IMAGE_FORMATS)
+
+
+def _refused_format(data: bytes) -> str | None:
+    """The name of the Pillow format ``data`` starts like, when it is one beamcap does not decode."""
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        if name in _formats() or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except Exception:  # noqa: BLE001 - a format's check that cannot judge this prefix
+            continue
+    return None
 
 
 def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None = None) -> Image.Image:
@@ -299,7 +418,7 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     try:
         # Header only: the size is known before any pixel is decoded. (No warnings.catch_warnings here:
         # it changes process-wide state and DoFn threads decode concurrently.)
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_formats())
         width, height = image.size
         if width * height > max_pixels:
             raise ImageLoadError(
@@ -315,11 +434,16 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     except Image.DecompressionBombError as e:
         raise ImageLoadError(ref, f"refused as a possible decompression bomb: {e}") from None
     except UnidentifiedImageError:
+        refused = _refused_format(data)
+        if refused:
+            raise ImageLoadError(
+                ref, f"refused: the file is {refused}, a format beamcap does not decode (only {', '.join(_formats())})"
+            ) from None
         raise ImageLoadError(ref, f"not a recognised image format ({len(data)} bytes)") from None
     except (OSError, SyntaxError, EOFError) as e:
-        raise ImageLoadError(ref, f"corrupt or truncated image: {e}") from None
+        raise ImageLoadError(ref, f"corrupt or truncated image: {_short(e)}") from None
     except Exception as e:  # noqa: BLE001 - a corrupt file raises anything (IndexError, struct.error, ...)
-        raise ImageLoadError(ref, f"corrupt or unsupported image: {type(e).__name__}: {e}") from None
+        raise ImageLoadError(ref, f"corrupt or unsupported image: {type(e).__name__}: {_short(e)}") from None
 
 
 def fit_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:

@@ -53,7 +53,11 @@ def hamming_distance(a: int, b: int) -> int:
 
 def most_similar(reference_text: str, candidates: Sequence[str]) -> int:
     """Index of the candidate whose SimHash is closest to ``reference_text``'s (ties: the first)."""
-    target = simhash_fingerprint(reference_text)
+    return closest(simhash_fingerprint(reference_text), candidates)
+
+
+def closest(target: int, candidates: Sequence[str]) -> int:
+    """Index of the candidate whose SimHash is closest to the fingerprint ``target`` (ties: the first)."""
     distances = [hamming_distance(target, simhash_fingerprint(c)) for c in candidates]
     return distances.index(min(distances))
 
@@ -94,5 +98,6 @@ def choose_captions(
     if mode is KeepMode.RANDOM_ANY:
         return [[rng.choice(cands) for cands in candidates]]
     if mode is KeepMode.SIMILAR_ONE_SIMHASH:
-        return [[cands[most_similar(ref, cands)] for cands, ref in zip(candidates, reference_texts, strict=True)]]
+        targets = {ref: simhash_fingerprint(ref) for ref in set(reference_texts)}  # once per chunk, not per image
+        return [[cands[closest(targets[ref], cands)] for cands, ref in zip(candidates, reference_texts, strict=True)]]
     raise ValueError(f"unknown keep mode {mode!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ from beamcap.images import ImageLoadError, describe_ref, fit_pixels, load_image
 MAX_SAMPLE_DEPTH = 100
 """Samples nested deeper than this (dicts and lists inside each other) are refused: copying or hashing them
 recursively could exhaust the stack."""
+
+
+MAX_PROMPT_CHARS = 200_000
+"""Prompts longer than this are refused before tokenizing (a per-sample prompt can be of any length; a
+context-long prompt is far shorter), so a huge one costs no tokenizer memory."""
 
 
 class SampleError(Exception):
@@ -144,10 +150,17 @@ def _parse_into(work: Work, config: CaptionConfig) -> None:
     if plan.num_image_tokens > len(images):
         work.error = (
             f"the text has {plan.num_image_tokens} {config.image_token} tokens but the sample has only "
-            f"{len(images)} images ({config.image_key}=[{', '.join(describe_ref(r) for r in images)}])"
+            f"{len(images)} images ({config.image_key}=[{', '.join(describe_ref(r) for r in images[:5])}"
+            f"{', ...' if len(images) > 5 else ''}])"
         )
         return
     prompt = config.prompt_for(sample)
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        work.error = (
+            f"the prompt is {len(prompt)} characters, more than the "
+            f"{MAX_PROMPT_CHARS} beamcap tokenizes (no image-to-text model's context holds it): shorten it"
+        )
+        return
     if config.seed is not None:
         work.key = sample_key(sample)
     work.plan, work.prompt = plan, prompt
@@ -177,14 +190,17 @@ def placed(value: Any, work: Work) -> WindowedValue:
     return WindowedValue(value, work.timestamp, (work.window,), work.pane)
 
 
-def load_images(work: Work, config: CaptionConfig, draft_size: int | None) -> None:
-    """Read and decode the images ``work`` asks captions for; on the first failure, set ``work.error``.
+def load_images(
+    work: Work, config: CaptionConfig, draft_size: int | None, indices: Sequence[int] | None = None
+) -> None:
+    """Read and decode the images ``work`` asks captions for (those at ``indices``, by default all of them) into
+    ``work.images``; on the first failure, set ``work.error``.
 
     The second part of the sample's isolation boundary: nothing a reference points at makes this raise.
     """
     refs = work.sample[config.image_key]
     loaded: dict[Any, Image.Image] = {}
-    for index in work.plan.image_indices:
+    for index in work.plan.image_indices if indices is None else indices:
         ref = refs[index]
         key = ref if isinstance(ref, (str, bytes)) else id(ref)
         try:

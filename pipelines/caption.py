@@ -12,6 +12,8 @@ on the launcher, so that workers in any folder read and write the same files.
 from __future__ import annotations
 
 import argparse
+import datetime
+import decimal
 import glob
 import json
 import logging
@@ -21,6 +23,7 @@ import re
 import shutil
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -33,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from beamcap.config import CaptionConfig, parameters
 from beamcap.metrics import LOADS_IN, METRICS_NAMESPACE
 from beamcap.paths import has_scheme
-from beamcap.samples import SampleError
+from beamcap.samples import MAX_SAMPLE_DEPTH, SampleError, nesting_depth
 from beamcap.transform import CaptionImages
 from pipelines.options import UserError, add_caption_arguments, check_beam_arguments, config_from_args, make_parser
 from pipelines.preflight import check_device, check_inputs, check_model
@@ -45,20 +48,35 @@ LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 that Beam does not first try to download its Prism runner binary (which fails offline)."""
 
 
+DEFAULT_MAX_LINE_BYTES = 64 << 20
+"""The longest JSONL line read; a longer one goes to the failed output and is never held whole."""
+_BLOCK = 1 << 20
+SCHEMA_LINES = 200
+"""Parquet output from JSONL input takes its schema from the samples on this many first lines."""
+_HEAD = 1000
+"""How many bytes of an over-long line its failure record shows."""
+
+
 class ParseJsonLine(beam.DoFn):
-    """Numbered JSONL lines to samples; a line that is not valid UTF-8, strict JSON or Unicode goes to ``failed``
-    with its file, line number and the reason (its bytes escaped where they are not UTF-8)."""
+    """Numbered JSONL lines to samples; a line that is not valid UTF-8, strict JSON or Unicode, is nested too
+    deeply or is too long goes to ``failed`` with its file, line number and the reason (its bytes escaped where
+    they are not UTF-8)."""
 
     FAILED = "failed"
 
-    def __init__(self):
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+        self._max_line_bytes = max_line_bytes
         self._lines_read = Metrics.counter(METRICS_NAMESPACE, "lines_read")
         self._lines_unparseable = Metrics.counter(METRICS_NAMESPACE, "lines_unparseable")
 
-    def process(self, numbered: tuple[str, int, bytes]):
-        path, number, raw = numbered
+    def process(self, numbered: tuple[str, int, bytes, int]):
+        path, number, raw, length = numbered
         self._lines_read.inc()
-        sample, problem = parse_json_line(raw)
+        if length > self._max_line_bytes:
+            sample = raw[:_HEAD].decode("utf-8", "backslashreplace") + "..."
+            problem = f"the line is {length} bytes, over the --max_line_bytes limit of {self._max_line_bytes}"
+        else:
+            sample, problem = parse_json_line(raw)
         if problem is None:
             yield sample
             return
@@ -84,6 +102,8 @@ def parse_json_line(raw: bytes) -> tuple[Any, str | None]:
         return text, f"invalid JSON: {e.msg} (column {e.colno})"
     except ValueError as e:
         return text, f"invalid JSON: {e}"
+    if nesting_depth(sample, MAX_SAMPLE_DEPTH) > MAX_SAMPLE_DEPTH:  # as the transform refuses it, but kept as text
+        return text, f"nested more than {MAX_SAMPLE_DEPTH} levels deep (dicts and lists)"
     surrogate = _lone_surrogate(sample)
     if surrogate is not None:
         return text, f"holds a lone surrogate ({surrogate!r}), which is not valid Unicode"
@@ -108,22 +128,63 @@ def _lone_surrogate(value: Any) -> str | None:
     return None
 
 
-def numbered_lines(file: fileio.ReadableFile):
-    """(path, line number, line bytes) for each non-blank line of a matched file (compressed files too)."""
+def split_lines(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[bytes, int]]:
+    """(line, its length in bytes) for each line of a byte stream, without its ``\\n``; of a line longer than
+    ``limit``, only the first ``limit + 1`` bytes are kept (memory stays bounded whatever the stream holds)."""
+    head, length = bytearray(), 0
+    while block := read(_BLOCK):
+        start = 0
+        while True:
+            end = block.find(b"\n", start)
+            piece = block[start:] if end < 0 else block[start:end]
+            if length <= limit:
+                head += piece[: limit + 1 - length]
+            length += len(piece)
+            if end < 0:
+                break
+            yield bytes(head), length
+            head, length, start = bytearray(), 0, end + 1
+    if length:
+        yield bytes(head), length
+
+
+def numbered_lines(file: fileio.ReadableFile, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+    """(path, line number, line bytes, line length) for each non-blank line of a matched file (compressed files
+    too); a line over ``max_line_bytes`` carries only its first bytes (ParseJsonLine fails it)."""
     path = file.metadata.path
     with file.open() as f:
-        for number, raw in enumerate(iter(f.readline, b""), 1):
-            line = raw.rstrip(b"\r\n")
+        for number, (raw, length) in enumerate(split_lines(f.read, max_line_bytes), 1):
+            if length > max_line_bytes:
+                yield path, number, raw[:_HEAD], length
+                continue
+            line = raw.rstrip(b"\r")
             if line.strip():
-                yield path, number, line
+                yield path, number, line, len(line)
 
 
 def to_json_line(element: Any) -> str:
-    """Strict JSON (no NaN or Infinity: they become null), UTF-8 text kept as it is."""
+    """Strict JSON (no NaN or Infinity: they become null), UTF-8 text kept as it is; values JSON has no type for
+    (from Parquet: dates, times, decimals, bytes) written as text. Writing never fails: a record that still cannot
+    be written (nested past the stack) is written as its ``repr``, capped, with a note why."""
     try:
         return json.dumps(element, ensure_ascii=False, allow_nan=False, default=_json_default)
     except ValueError:
+        pass
+    except Exception as e:  # noqa: BLE001 - the writer must not fail the job
+        return _unwritable(element, e)
+    try:
         return json.dumps(_finite(element), ensure_ascii=False, allow_nan=False, default=_json_default)
+    except Exception as e:  # noqa: BLE001
+        return _unwritable(element, e)
+
+
+def _unwritable(element: Any, error: Exception) -> str:
+    try:
+        text = repr(element)
+    except Exception:  # noqa: BLE001 - a repr that recurses too deeply, too
+        text = f"<{type(element).__name__}>"
+    text = text if len(text) <= 10_000 else text[:10_000] + "..."
+    return json.dumps({"unwritable": text, "error": f"cannot be written as JSON: {type(error).__name__}: {error}"})
 
 
 def _finite(value: Any) -> Any:
@@ -139,7 +200,15 @@ def _finite(value: Any) -> Any:
 def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return f"<{len(value)} bytes>"
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)  # exact, as JSON numbers from a float would not be
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    return str(value)
 
 
 def input_folder(pattern: str) -> str:
@@ -158,6 +227,16 @@ def absolute(path: str | None) -> str | None:
     if path is None or has_scheme(path):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -187,6 +266,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         metavar="PREFIX",
         help="write samples that cannot be captioned, and lines that are not JSON, here (JSONL with the reason) "
         "and go on; without it the job stops at the first one (default: %(default)s)",
+    )
+    io.add_argument(
+        "--max_line_bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_LINE_BYTES,
+        metavar="N",
+        help="longest JSONL line read; a longer one goes to the failed output, never held whole (default: 64 MiB)",
     )
     io.add_argument("--num_shards", type=int, default=0, help="output files (default: 0, the runner decides)")
     io.add_argument("--recipe", default=None, help="a Data-Juicer recipe (YAML) with an image_captioning_mapper")
@@ -232,7 +318,8 @@ def _is_parquet(path: str) -> bool:
 
 
 def parquet_schema(inputs: list[str]):
-    """The schema for Parquet output: the input's (Parquet) or that of its first JSON lines."""
+    """The schema for Parquet output: the input's (Parquet), or that of the samples on the first JSON lines (lines
+    that are not JSON object samples are left out here; the job sends them to the failed output)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -240,11 +327,64 @@ def parquet_schema(inputs: list[str]):
     with FileSystems.open(first.path) as f:
         if _is_parquet(inputs[0]):
             return pq.read_schema(pa.BufferReader(f.read()))
-        rows = [json.loads(line) for line in f.read().decode("utf-8").splitlines()[:200] if line.strip()]
-    return pa.Table.from_pylist(rows).schema
+        rows = []
+        for number, (raw, length) in enumerate(split_lines(f.read, DEFAULT_MAX_LINE_BYTES), 1):
+            if number > SCHEMA_LINES:
+                break
+            sample, problem = parse_json_line(raw) if length <= DEFAULT_MAX_LINE_BYTES else (None, "too long")
+            if problem is None and isinstance(sample, dict):
+                rows.append(sample)
+    if not rows:
+        raise UserError(
+            f"none of the first {SCHEMA_LINES} lines of {first.path} is a JSON object, so Parquet output has no "
+            "schema to take (write JSONL instead: --output_format jsonl)"
+        )
+    try:
+        return pa.Table.from_pylist(rows).schema
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as e:
+        raise UserError(
+            f"the first {SCHEMA_LINES} lines of {first.path} give no one Parquet schema ({e}); write JSONL instead: "
+            "--output_format jsonl"
+        ) from None
 
 
-def read_samples(pipeline: beam.Pipeline, inputs: list[str]):
+class FitParquetSchema(beam.DoFn):
+    """Records to rows of the Parquet schema (a field the record lacks is null); a record with a field the schema
+    lacks, or a value of another type, goes to ``failed`` (Beam's Parquet sink would fail the job, or drop it)."""
+
+    FAILED = "failed"
+
+    def __init__(self, schema):
+        self._schema = schema
+        self._unfit = Metrics.counter(METRICS_NAMESPACE, "records_unfit")
+
+    def process(self, record: Any):
+        import pyarrow as pa
+
+        names = self._schema.names
+        problem = None
+        if not isinstance(record, dict):
+            problem = f"a {type(record).__name__} is not a record"
+        elif extra := [k for k in record if k not in names]:
+            problem = f"its fields {extra!r} are not in the Parquet schema, which has {names!r}"
+        else:
+            row = {name: record.get(name) for name in names}
+            try:
+                pa.Table.from_pylist([row], schema=self._schema)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a value of another type
+                problem = f"a value does not fit the Parquet schema: {type(e).__name__}: {e}"
+        if problem is None:
+            yield row
+            return
+        self._unfit.inc()
+        yield beam.pvalue.TaggedOutput(
+            self.FAILED,
+            {"sample": record, "error": f"cannot be written to Parquet: {problem} (the schema is the input's, or "
+             f"that of its first {SCHEMA_LINES} lines; --output_format jsonl writes any record)"},
+        )  # fmt: skip
+
+
+def read_samples(pipeline: beam.Pipeline, inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
     """(samples, unparseable lines as failure records or None)."""
     if all(_is_parquet(p) for p in inputs):
         return pipeline | "Inputs" >> beam.Create(inputs) | "ReadParquet" >> beam.io.ReadAllFromParquet(), None
@@ -253,9 +393,9 @@ def read_samples(pipeline: beam.Pipeline, inputs: list[str]):
         | "Inputs" >> beam.Create(inputs)
         | "MatchFiles" >> fileio.MatchAll()
         | "ReadMatches" >> fileio.ReadMatches()
-        | "NumberLines" >> beam.FlatMap(numbered_lines)
+        | "NumberLines" >> beam.FlatMap(numbered_lines, max_line_bytes)
         | "Spread" >> beam.Reshuffle()
-        | "ParseJson" >> beam.ParDo(ParseJsonLine()).with_outputs(ParseJsonLine.FAILED, main="samples")
+        | "ParseJson" >> beam.ParDo(ParseJsonLine(max_line_bytes)).with_outputs(ParseJsonLine.FAILED, main="samples")
     )
     return parsed.samples, parsed[ParseJsonLine.FAILED]
 
@@ -288,10 +428,17 @@ def _stop_at(record: dict) -> None:
 def build(pipeline: beam.Pipeline, args: argparse.Namespace, config: CaptionConfig) -> None:
     """Add the job's steps to ``pipeline``."""
     schema = parquet_schema(args.input) if args.output_format == "parquet" else None
-    samples, bad_lines = read_samples(pipeline, args.input)
+    samples, bad_lines = read_samples(pipeline, args.input, args.max_line_bytes)
     good, failed = samples | "CaptionImages" >> CaptionImages.from_config(config).with_exception_handling()
-    if bad_lines is not None:
-        failed = (failed, bad_lines) | "AllFailures" >> beam.Flatten()
+    failures = [failed] if bad_lines is None else [failed, bad_lines]
+    if schema is not None:
+        fitted = good | "FitParquetSchema" >> beam.ParDo(FitParquetSchema(schema)).with_outputs(
+            FitParquetSchema.FAILED, main="rows"
+        )
+        good = fitted.rows
+        failures.append(fitted[FitParquetSchema.FAILED])
+    if len(failures) > 1:
+        failed = tuple(failures) | "AllFailures" >> beam.Flatten()
     if args.failed_output:
         write_records(failed, args.failed_output, args.num_shards, single_file=False, label="WriteFailed")
     else:

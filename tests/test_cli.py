@@ -211,29 +211,37 @@ def test_bad_lines_name_their_file_and_line_and_the_summary_accounts_for_everyth
         json.dumps({"id": "deep", "text": "x", "extra": json.loads("[" * 300 + "]" * 300)}).encode(),
         b"",  # blank lines are skipped
         json.dumps({"id": "missing", "text": IMG, "images": ["nope.jpg"]}).encode(),
+        json.dumps({"id": "long", "text": "x" * 400_000}).encode(),
+        b"[" * 900 + b"]" * 900,  # parses, but its failure record would be nested too deeply to write
     ]
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     out, failed = tmp_path / "captioned", tmp_path / "failed"
     result = cli("--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--failed_output", str(failed),
-                 *fast(blip_dir))  # fmt: skip
+                 "--max_line_bytes", "300000", *fast(blip_dir))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     good, bad = rows(str(out)), rows(str(failed))  # both strict JSON
     assert sorted(r["id"] for r in good) == ["ok", "ok"]
     reasons = {r["error"].split(": ", 1)[0].rsplit(":", 1)[1]: r for r in bad if r["error"].startswith(str(tmp_path))}
     path = str(tmp_path / "in.jsonl")
-    assert sorted(reasons) == ["2", "3", "4", "5", "6", "7"]
+    assert sorted(reasons, key=int) == ["2", "3", "4", "5", "6", "7", "8", "11", "12"]
     assert reasons["2"]["error"].startswith(f"{path}:2: invalid JSON: Expecting value (column 26)")
     assert reasons["3"]["error"] == f"{path}:3: not valid UTF-8 (byte 30: b'\\xe9')"
     assert reasons["3"]["sample"] == '{"id": "latin-1", "text": "caf\\xe9"}'  # the bytes escaped
     assert "lone surrogate" in reasons["4"]["error"]
     assert "NaN is not valid in strict JSON" in reasons["5"]["error"] and "NaN" in reasons["6"]["error"]
     assert "nested too deeply to parse" in reasons["7"]["error"]
+    assert reasons["8"]["error"].endswith(":8: nested more than 100 levels deep (dicts and lists)")
+    assert reasons["8"]["sample"].startswith('{"id": "deep"')  # kept as text, so it can always be written
+    assert reasons["11"]["error"].endswith(
+        f":11: the line is {len(lines[10])} bytes, over the --max_line_bytes limit of 300000"
+    )
+    assert reasons["11"]["sample"] == lines[10][:1000].decode() + "..."
+    assert "nested more than 100 levels deep" in reasons["12"]["error"]
     by_id = {r["sample"]["id"]: r["error"] for r in bad if isinstance(r["sample"], dict)}
-    assert "nested more than 100 levels deep" in by_id["deep"]
     assert f"file not found ({tmp_path}/nope.jpg)" in by_id["missing"]
     summary = json.loads(result.stdout.split("beamcap summary:")[1].splitlines()[0])
-    assert summary["lines_read"] == 9 and summary["lines_unparseable"] == 6 and summary["samples_in"] == 3
-    assert summary["samples_failed"] == 2 and summary["failures_written"] == 8 and summary["records_written"] == 2
+    assert summary["lines_read"] == 11 and summary["lines_unparseable"] == 9 and summary["samples_in"] == 2
+    assert summary["samples_failed"] == 1 and summary["failures_written"] == 10 and summary["records_written"] == 2
     assert summary["lines_read"] == summary["samples_in"] + summary["lines_unparseable"]
     assert summary["failures_written"] == summary["samples_failed"] + summary["lines_unparseable"]
 

@@ -203,6 +203,18 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", str(10 << 30))
             self.end_headers()
+        elif self.path == "/drip-headers":  # headers a byte at a time, for ever (each byte within any timeout)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(0.2):
+                try:
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                except OSError:
+                    return
+        elif self.path == "/to-ftp":  # a redirect out of HTTP
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1:1/x.png")
+            self.end_headers()
         elif self.path == "/slow-headers":  # never finishes its headers
             self.wfile.write(b"HTTP/1.1 200 OK\r\n")
             self.wfile.flush()
@@ -248,6 +260,102 @@ def test_a_hostile_server_cannot_hold_or_flood_the_worker(hostile_server, path, 
     with pytest.raises(ImageLoadError, match=reason):
         read_bytes(f"{hostile_server}{path}", max_bytes=1 << 20, download_timeout=2)
     assert time.monotonic() - start < 4  # the deadline is for the whole download, not per socket read
+
+
+def _download_threads() -> int:
+    return sum(t.name == "beamcap-download" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_download_given_up_leaves_no_thread_or_socket_behind(hostile_server):
+    """The caller shuts the connection down at the deadline, so the helper thread ends even while a server drips
+    its headers (each byte inside any per-read timeout), and the deadline is kept."""
+    before = _download_threads()
+    for _ in range(3):
+        start = time.monotonic()
+        with pytest.raises(ImageLoadError, match="no complete answer within 1 s"):
+            read_bytes(f"{hostile_server}/drip-headers", download_timeout=1)
+        assert time.monotonic() - start < 1.8
+    deadline = time.monotonic() + 3
+    while _download_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _download_threads() == before
+
+
+def test_a_redirect_out_of_http_is_refused(hostile_server):
+    with pytest.raises(ImageLoadError, match="refused a redirect to a non-HTTP URL"):
+        read_bytes(f"{hostile_server}/to-ftp", download_timeout=2)
+
+
+# --- formats, compression, paths in messages ---------------------------------------------------------------------
+
+
+EPS_LOOP = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 1 1\n{} loop\n"  # Ghostscript would run it for ever
+
+
+@pytest.mark.parametrize(
+    "data, name",
+    [
+        (EPS_LOOP, "EPS"),
+        (lambda: (b := io.BytesIO(), Image.new("RGB", (64, 64)).save(b, "ICO"), b.getvalue())[-1], "ICO"),
+        (lambda: (b := io.BytesIO(), Image.new("RGB", (8, 8)).save(b, "PCX"), b.getvalue())[-1], "PCX"),
+    ],
+)
+def test_formats_outside_the_list_are_refused_by_name(data, name):
+    """EPS would run Ghostscript, ICO decodes its pixels before their size can be checked: neither is decoded."""
+    data = data() if callable(data) else data
+    with pytest.raises(ImageLoadError, match=f"refused: the file is {name}, a format beamcap does not decode"):
+        decode_image(data, "x", 10**6)
+
+
+def test_a_beam_filesystem_file_is_read_as_stored_never_decompressed(tmp_path):
+    """A .bz2 of 64 MiB of zeros is a few hundred bytes: read as stored, it is those bytes (Beam's AUTO compression
+    would have inflated it past the byte limit before the limit saw a byte)."""
+    import bz2
+
+    from beamcap.images import read_filesystem
+
+    path = tmp_path / "bomb.png.bz2"
+    path.write_bytes(bz2.compress(bytes(64 << 20)))
+    assert read_filesystem("bomb", str(path), 1 << 20) == path.read_bytes()
+
+
+def test_paths_in_messages_are_one_printable_line(tmp_path):
+    with pytest.raises(ImageLoadError) as caught:
+        read_bytes("a\nforged log line\x1b[31m.jpg", base_dir=str(tmp_path))
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and "\\nforged log line\\x1b[31m" in message
+
+
+# --- memory per call -----------------------------------------------------------------------------------------------
+
+
+def test_a_sample_with_many_images_holds_at_most_a_call_of_them(blip_dir, image_dir, monkeypatch):
+    """Images are decoded call by call: however many a sample names, at most gpu_batch_size are alive at once."""
+    import weakref
+
+    import beamcap.samples
+    from beamcap.model import Captioner
+
+    alive, peaks = [0], []
+    real_load, real_caption = beamcap.samples.load_image, Captioner.caption
+
+    def load(*args, **kwargs):
+        image = real_load(*args, **kwargs)
+        alive[0] += 1
+        weakref.finalize(image, lambda: alive.__setitem__(0, alive[0] - 1))
+        return image
+
+    def caption(captioner, images, *args):
+        peaks.append(alive[0])
+        return real_caption(captioner, images, *args)
+
+    monkeypatch.setattr(beamcap.samples, "load_image", load)
+    monkeypatch.setattr(Captioner, "caption", caption)
+    refs = [f"{image_dir}/{'./' * i}{c}.jpg" for i in range(3) for c in COLOURS]  # 9 distinct references
+    sample = {"text": "<__dj__image>" * len(refs), "images": refs}
+    out = run_dofn(CaptionConfig(blip_dir, gpu_batch_size=2, **FAST), [sample])
+    assert len(out["generated"]) == 1 and not out["failed"]
+    assert len(peaks) == 5 and max(peaks) <= 2, peaks
 
 
 # --- image_root under races ------------------------------------------------------------------------------------
@@ -349,6 +457,18 @@ def test_a_prompt_longer_than_the_context_says_so_and_fails_its_samples_alone(bl
     assert calls == [4, 2]  # the long prompt's call is not retried in halves: no smaller call can cure it
 
 
+def test_a_huge_prompt_is_refused_before_tokenizing(blip_dir, image_dir):
+    from beamcap.samples import MAX_PROMPT_CHARS, parse
+
+    config = CaptionConfig(blip_dir, prompt_key="p")
+    sample = {"text": IMG, "images": [str(image_dir / "red.jpg")], "p": "x" * (MAX_PROMPT_CHARS + 1)}
+    assert parse(sample, config).error == (
+        f"the prompt is {MAX_PROMPT_CHARS + 1} characters, more than the {MAX_PROMPT_CHARS} beamcap tokenizes (no "
+        "image-to-text model's context holds it): shorten it"
+    )
+    assert parse(dict(sample, p="x" * MAX_PROMPT_CHARS), config).error is None
+
+
 def test_every_sample_is_accounted_for_whatever_it_is(blip_dir, image_dir, tmp_path):
     """A mixed bag through the transform: each sample comes out once, as original or as failure."""
     os.mkfifo(tmp_path / "fifo.png")
@@ -374,3 +494,46 @@ def test_outputs_are_the_same_with_hostile_batch_mates(blip_dir, image_dir):
     mixed = run_dofn(CaptionConfig(blip_dir, **FAST), [good[0], {"text": IMG, "images": ["/dev/zero"]}, *good[1:]], 4)
     assert canonical(mixed["generated"]) == canonical(alone["generated"])
     assert len(mixed["failed"]) == 1
+
+
+# --- the job's reader and writer ---------------------------------------------------------------------------------
+
+
+def test_lines_are_split_across_blocks_and_an_over_long_one_is_never_held_whole():
+    from pipelines.caption import split_lines
+
+    data = b"a\r\n" + b"x" * 1_500_000 + b"\n\n" + b"y" * (3 << 20) + b"\nlast"
+    lines = list(split_lines(io.BytesIO(data).read, 2 << 20))
+    assert [(head[:1], len(head), length) for head, length in lines] == [
+        (b"a", 2, 2),
+        (b"x", 1_500_000, 1_500_000),
+        (b"", 0, 0),
+        (b"y", (2 << 20) + 1, 3 << 20),  # only limit + 1 bytes of it kept
+        (b"l", 4, 4),
+    ]
+
+
+def test_the_writer_writes_any_record_as_one_strict_json_line():
+    import datetime
+    import decimal
+    import json
+
+    from pipelines.caption import to_json_line
+
+    record = {
+        "when": datetime.datetime(2026, 1, 2, 3, 4, 5),
+        "day": datetime.date(2026, 1, 2),
+        "price": decimal.Decimal("1.10"),
+        "blob": b"abc",
+        "nan": float("nan"),
+        "tags": {"a"},
+    }
+    assert json.loads(to_json_line(record)) == {
+        "when": "2026-01-02T03:04:05", "day": "2026-01-02", "price": "1.10", "blob": "<3 bytes>", "nan": None,
+        "tags": ["a"],
+    }  # fmt: skip
+    deep: object = "leaf"
+    for _ in range(100_000):  # deeper than any stack
+        deep = [deep]
+    line = to_json_line({"sample": deep, "error": "why"})
+    assert "\n" not in line and json.loads(line)["error"].startswith("cannot be written as JSON: RecursionError")

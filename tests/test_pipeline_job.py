@@ -181,3 +181,50 @@ def test_recipe_output_flag_overrides_export_path_as_a_prefix(tmp_path, image_di
     run(["--recipe", str(recipe), "--output", str(tmp_path / "mine"), "--num_shards", "1", "--max_new_tokens", "2"])
     assert not (tmp_path / "out" / "result.jsonl").exists()
     assert len(read_jsonl(str(tmp_path / "mine"))) == 4
+
+
+def test_parquet_output_from_jsonl_sends_what_does_not_fit_its_schema_to_failed(tmp_path, image_dir, blip_dir):
+    """The schema comes from the samples on the first 200 lines (a bad line is left out of it); a later sample
+    with a field the schema lacks, or a value of another type, goes to the failed output and the job goes on."""
+    import pyarrow.parquet as pq
+
+    lines = [
+        "not json",
+        json.dumps({"id": 1, "text": f"{IMG}x", "images": ["red.jpg"], "meta": {"w": 1}}),
+        *(json.dumps({"id": 100 + i, "text": "no image", "images": [], "meta": {"w": i}}) for i in range(198)),
+        json.dumps({"id": 2, "text": "no image", "images": [], "meta": {"w": 2}}),
+        json.dumps({"id": 3, "text": "no image", "images": [], "meta": {"w": "wide"}}),
+        json.dumps({"id": 4, "text": "no image", "images": [], "meta": {"w": 4}, "new": True}),
+        json.dumps({"id": 5, "text": "no image", "images": []}),
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out, failed = str(tmp_path / "o"), str(tmp_path / "f")
+    result = run(["--input", str(tmp_path / "in.jsonl"), "--output", out, "--output_format", "parquet",
+                  "--failed_output", failed, "--image_base_dir", str(image_dir), "--hf_img2seq", blip_dir,
+                  "--max_new_tokens", "3", "--num_shards", "1"])  # fmt: skip
+    (path,) = glob.glob(out + "-*.parquet")
+    rows = [r for r in pq.read_table(path).to_pylist() if r["id"] < 100]
+    assert sorted((r["id"], r["meta"]) for r in rows) == [(1, {"w": 1}), (1, {"w": 1}), (2, {"w": 2}), (5, None)]
+    errors = {r["sample"]["id"] if isinstance(r["sample"], dict) else "line": r["error"] for r in read_jsonl(failed)}
+    assert "invalid JSON" in errors["line"]
+    assert "cannot be written to Parquet: a value does not fit the Parquet schema" in errors[3]
+    assert "cannot be written to Parquet: its fields ['new'] are not in the Parquet schema" in errors[4]
+    from apache_beam.metrics.metric import MetricsFilter
+
+    unfit = result.metrics().query(MetricsFilter().with_name("records_unfit"))["counters"]
+    assert sum(c.committed or c.attempted for c in unfit) == 2
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("not json\n[1, 2]\n", "none of the first 200 lines of .* is a JSON object"),
+        ('{"text": "a", "w": 1}\n{"text": "b", "w": "x"}\n', "give no one Parquet schema .*--output_format jsonl"),
+    ],
+)
+def test_parquet_output_needs_one_schema_among_the_first_lines(tmp_path, blip_dir, lines, message):
+    from pipelines.options import UserError
+
+    (tmp_path / "in.jsonl").write_text(lines)
+    with pytest.raises(UserError, match=message):
+        run(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.parquet"), "--hf_img2seq", blip_dir])
