@@ -112,7 +112,7 @@ class CaptionDoFn(beam.DoFn):
         chunk: list[tuple[Work, int]] = []
         while len(chunk) < size and (taken := list(itertools.islice(pending, size - len(chunk)))):
             chunk += self._load(taken)
-        return chunk
+        return [(work, index) for work, index in chunk if work.error is None]  # a later image may have failed it
 
     def _load(self, jobs: Sequence[tuple[Work, int]]) -> list[tuple[Work, int]]:
         """Decode the images of ``jobs`` (a sample that failed earlier is skipped); the jobs whose image is in."""

@@ -12,6 +12,7 @@ on the launcher, so that workers in any folder read and write the same files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import decimal
 import glob
@@ -28,12 +29,13 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
-from beamcap.config import CaptionConfig, parameters
+from beamcap.config import CaptionConfig, is_positive_int, parameters
 from beamcap.metrics import LOADS_IN, METRICS_NAMESPACE
 from beamcap.paths import has_scheme
 from beamcap.samples import MAX_SAMPLE_DEPTH, SampleError, nesting_depth
@@ -152,14 +154,48 @@ def numbered_lines(file: fileio.ReadableFile, max_line_bytes: int = DEFAULT_MAX_
     """(path, line number, line bytes, line length) for each non-blank line of a matched file (compressed files
     too); a line over ``max_line_bytes`` carries only its first bytes (ParseJsonLine fails it)."""
     path = file.metadata.path
-    with file.open() as f:
-        for number, (raw, length) in enumerate(split_lines(f.read, max_line_bytes), 1):
+    with open_bounded(file) as f:
+        for number, (line, length) in enumerate(lines_within(f.read, max_line_bytes), 1):
             if length > max_line_bytes:
-                yield path, number, raw[:_HEAD], length
-                continue
-            line = raw.rstrip(b"\r")
-            if line.strip():
-                yield path, number, line, len(line)
+                yield path, number, line[:_HEAD], length
+            elif line.strip():
+                yield path, number, line, length
+
+
+@contextlib.contextmanager
+def open_bounded(file: fileio.ReadableFile):
+    """The file's content, decompressed by its name's suffix, where every ``read(n)`` inflates at most ``n`` bytes.
+
+    Beam's own reader inflates whole 16 MiB compressed blocks at once, so a small gzip or bzip2 bomb would need
+    gigabytes; Python's and zstandard's readers take the limit. (.deflate files are left to Beam's reader.)
+    """
+    import bz2
+    import gzip
+    import lzma
+
+    readers = {
+        CompressionTypes.GZIP: lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+        CompressionTypes.BZIP2: bz2.BZ2File,
+        CompressionTypes.LZMA: lzma.LZMAFile,
+        CompressionTypes.ZSTD: lambda raw: __import__("zstandard").ZstdDecompressor().stream_reader(raw),
+    }
+    reader = readers.get(CompressionTypes.detect_compression_type(file.metadata.path))
+    if reader is None:
+        with file.open() as f:
+            yield f
+        return
+    with file.open(compression_type=CompressionTypes.UNCOMPRESSED) as raw, reader(raw) as f:
+        yield f
+
+
+def lines_within(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[bytes, int]]:
+    """:func:`split_lines` with the ``\\r`` of CRLF line ends taken off, before the length is compared with
+    ``limit`` (a line is as long as its content, whichever line end it has)."""
+    for raw, length in split_lines(read, limit + 1):
+        if length <= limit + 1:  # the whole line is here (a line of limit + 1 bytes is too long, unless one is \r)
+            raw = raw.rstrip(b"\r")
+            length = len(raw)
+        yield raw, length
 
 
 def to_json_line(element: Any) -> str:
@@ -234,8 +270,10 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    try:
+        is_positive_int("the value", value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 
@@ -317,21 +355,22 @@ def _is_parquet(path: str) -> bool:
     return path.endswith(".parquet")
 
 
-def parquet_schema(inputs: list[str]):
+def parquet_schema(inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
     """The schema for Parquet output: the input's (Parquet), or that of the samples on the first JSON lines (lines
     that are not JSON object samples are left out here; the job sends them to the failed output)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     (first, *_) = FileSystems.match([inputs[0]])[0].metadata_list
-    with FileSystems.open(first.path) as f:
-        if _is_parquet(inputs[0]):
+    if _is_parquet(inputs[0]):
+        with FileSystems.open(first.path) as f:
             return pq.read_schema(pa.BufferReader(f.read()))
+    with open_bounded(fileio.ReadableFile(first)) as f:
         rows = []
-        for number, (raw, length) in enumerate(split_lines(f.read, DEFAULT_MAX_LINE_BYTES), 1):
+        for number, (line, length) in enumerate(lines_within(f.read, max_line_bytes), 1):
             if number > SCHEMA_LINES:
                 break
-            sample, problem = parse_json_line(raw) if length <= DEFAULT_MAX_LINE_BYTES else (None, "too long")
+            sample, problem = parse_json_line(line) if length <= max_line_bytes else (None, "too long")
             if problem is None and isinstance(sample, dict):
                 rows.append(sample)
     if not rows:
@@ -346,6 +385,17 @@ def parquet_schema(inputs: list[str]):
             f"the first {SCHEMA_LINES} lines of {first.path} give no one Parquet schema ({e}); write JSONL instead: "
             "--output_format jsonl"
         ) from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with NaN equal to NaN (a value read back from Parquet is compared with the one written)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 class FitParquetSchema(beam.DoFn):
@@ -370,9 +420,13 @@ class FitParquetSchema(beam.DoFn):
         else:
             row = {name: record.get(name) for name in names}
             try:
-                pa.Table.from_pylist([row], schema=self._schema)
+                written = pa.Table.from_pylist([row], schema=self._schema).to_pylist()[0]
             except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a value of another type
                 problem = f"a value does not fit the Parquet schema: {type(e).__name__}: {e}"
+            else:  # pyarrow converts some values it should not keep: 2.5 in an int column, a struct's extra keys
+                changed = [name for name in names if not _same(written[name], row[name])]
+                if changed:
+                    problem = f"the values of {changed!r} would change to fit the Parquet schema"
         if problem is None:
             yield row
             return
@@ -427,7 +481,7 @@ def _stop_at(record: dict) -> None:
 
 def build(pipeline: beam.Pipeline, args: argparse.Namespace, config: CaptionConfig) -> None:
     """Add the job's steps to ``pipeline``."""
-    schema = parquet_schema(args.input) if args.output_format == "parquet" else None
+    schema = parquet_schema(args.input, args.max_line_bytes) if args.output_format == "parquet" else None
     samples, bad_lines = read_samples(pipeline, args.input, args.max_line_bytes)
     good, failed = samples | "CaptionImages" >> CaptionImages.from_config(config).with_exception_handling()
     failures = [failed] if bad_lines is None else [failed, bad_lines]

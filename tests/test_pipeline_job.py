@@ -196,6 +196,8 @@ def test_parquet_output_from_jsonl_sends_what_does_not_fit_its_schema_to_failed(
         json.dumps({"id": 3, "text": "no image", "images": [], "meta": {"w": "wide"}}),
         json.dumps({"id": 4, "text": "no image", "images": [], "meta": {"w": 4}, "new": True}),
         json.dumps({"id": 5, "text": "no image", "images": []}),
+        json.dumps({"id": 6, "text": "no image", "images": [], "meta": {"w": 2.5}}),
+        json.dumps({"id": 7, "text": "no image", "images": [], "meta": {"w": 7, "h": 1}}),
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out, failed = str(tmp_path / "o"), str(tmp_path / "f")
@@ -209,10 +211,11 @@ def test_parquet_output_from_jsonl_sends_what_does_not_fit_its_schema_to_failed(
     assert "invalid JSON" in errors["line"]
     assert "cannot be written to Parquet: a value does not fit the Parquet schema" in errors[3]
     assert "cannot be written to Parquet: its fields ['new'] are not in the Parquet schema" in errors[4]
+    assert "cannot be written to Parquet: the values of ['meta'] would change to fit" in errors[6] and 7 in errors
     from apache_beam.metrics.metric import MetricsFilter
 
     unfit = result.metrics().query(MetricsFilter().with_name("records_unfit"))["counters"]
-    assert sum(c.committed or c.attempted for c in unfit) == 2
+    assert sum(c.committed or c.attempted for c in unfit) == 4
 
 
 @pytest.mark.parametrize(
