@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import decimal
 import glob
+import io
 import json
 import logging
 import math
@@ -74,7 +75,9 @@ class ParseJsonLine(beam.DoFn):
     def process(self, numbered: tuple[str, int, bytes, int]):
         path, number, raw, length = numbered
         self._lines_read.inc()
-        if length > self._max_line_bytes:
+        if length == UNREADABLE:
+            sample, problem = "", raw.decode("utf-8", "backslashreplace")
+        elif length > self._max_line_bytes:
             sample = raw[:_HEAD].decode("utf-8", "backslashreplace") + "..."
             problem = f"the line is {length} bytes, over the --max_line_bytes limit of {self._max_line_bytes}"
         else:
@@ -150,16 +153,34 @@ def split_lines(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[byte
         yield bytes(head), length
 
 
+UNREADABLE = -1
+"""The length :func:`numbered_lines` gives where the file cannot be read on (its bytes are then the reason)."""
+
+
 def numbered_lines(file: fileio.ReadableFile, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
     """(path, line number, line bytes, line length) for each non-blank line of a matched file (compressed files
-    too); a line over ``max_line_bytes`` carries only its first bytes (ParseJsonLine fails it)."""
-    path = file.metadata.path
-    with open_bounded(file) as f:
-        for number, (line, length) in enumerate(lines_within(f.read, max_line_bytes), 1):
-            if length > max_line_bytes:
-                yield path, number, line[:_HEAD], length
-            elif line.strip():
-                yield path, number, line, length
+    too); a line over ``max_line_bytes`` carries only its first bytes (ParseJsonLine fails it). A compressed file
+    that is truncated or corrupt gives its lines up to there, then one entry of length ``UNREADABLE`` saying why
+    (Beam's own reader would drop the rest silently, or stop the job)."""
+    path, number = file.metadata.path, 0
+    try:
+        with open_bounded(file) as f:
+            for number, (line, length) in enumerate(lines_within(f.read, max_line_bytes), 1):
+                if length > max_line_bytes:
+                    yield path, number, line[:_HEAD], length
+                elif line.strip():
+                    yield path, number, line, length
+    except _decompression_errors() as e:
+        yield path, number + 1, f"cannot read on: {type(e).__name__}: {e}".encode(), UNREADABLE
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    import lzma
+    import zlib
+
+    import zstandard
+
+    return (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 
 
 @contextlib.contextmanager
@@ -167,7 +188,9 @@ def open_bounded(file: fileio.ReadableFile):
     """The file's content, decompressed by its name's suffix, where every ``read(n)`` inflates at most ``n`` bytes.
 
     Beam's own reader inflates whole 16 MiB compressed blocks at once, so a small gzip or bzip2 bomb would need
-    gigabytes; Python's and zstandard's readers take the limit. (.deflate files are left to Beam's reader.)
+    gigabytes; Python's and zstandard's readers take the limit. zstd frames that need a window over zstd's default
+    of 128 MiB are refused (Beam allows 2 GiB, memory a hostile file could claim). (.deflate files are left to Beam's
+    reader.)
     """
     import bz2
     import gzip
@@ -180,6 +203,9 @@ def open_bounded(file: fileio.ReadableFile):
         CompressionTypes.ZSTD: lambda raw: __import__("zstandard").ZstdDecompressor().stream_reader(raw),
     }
     reader = readers.get(CompressionTypes.detect_compression_type(file.metadata.path))
+    if reader is not None and file.metadata.size_in_bytes == 0:  # empty, as Beam's reader takes it
+        yield io.BytesIO(b"")
+        return
     if reader is None:
         with file.open() as f:
             yield f
@@ -365,14 +391,13 @@ def parquet_schema(inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYT
     if _is_parquet(inputs[0]):
         with FileSystems.open(first.path) as f:
             return pq.read_schema(pa.BufferReader(f.read()))
-    with open_bounded(fileio.ReadableFile(first)) as f:
-        rows = []
-        for number, (line, length) in enumerate(lines_within(f.read, max_line_bytes), 1):
-            if number > SCHEMA_LINES:
-                break
-            sample, problem = parse_json_line(line) if length <= max_line_bytes else (None, "too long")
-            if problem is None and isinstance(sample, dict):
-                rows.append(sample)
+    rows = []
+    for _, number, line, length in numbered_lines(fileio.ReadableFile(first), max_line_bytes):
+        if number > SCHEMA_LINES:
+            break
+        sample, problem = parse_json_line(line) if 0 <= length <= max_line_bytes else (None, "unreadable")
+        if problem is None and isinstance(sample, dict):
+            rows.append(sample)
     if not rows:
         raise UserError(
             f"none of the first {SCHEMA_LINES} lines of {first.path} is a JSON object, so Parquet output has no "
@@ -388,11 +413,11 @@ def parquet_schema(inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYT
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal, with NaN equal to NaN (a value read back from Parquet is compared with the one written)."""
+    """Whether ``a``, a value read back from Parquet, is the record's ``b`` (NaN equal to NaN)."""
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, dict) and isinstance(b, dict):  # a key the record lacks is read back as null, as Beam writes it
+        return b.keys() <= a.keys() and all(_same(a[k], b[k]) if k in b else a[k] is None for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
