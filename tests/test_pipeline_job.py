@@ -206,9 +206,12 @@ def test_parquet_output_from_jsonl_sends_what_does_not_fit_its_schema_to_failed(
                   "--max_new_tokens", "3", "--num_shards", "1"])  # fmt: skip
     (path,) = glob.glob(out + "-*.parquet")
     rows = [r for r in pq.read_table(path).to_pylist() if r["id"] < 100]
-    assert sorted((r["id"], str(r["meta"])) for r in rows) == [
-        (1, "{'w': 1, 'h': None}"), (1, "{'w': 1, 'h': None}"), (2, "{'w': 2, 'h': None}"), (5, "None"),
-    ]  # fmt: skip
+    assert sorted(((r["id"], r["meta"]) for r in rows), key=lambda row: row[0]) == [
+        (1, {"w": 1, "h": None}),
+        (1, {"w": 1, "h": None}),
+        (2, {"w": 2, "h": None}),
+        (5, None),
+    ]  # dicts compared whatever the order of their keys (it differs between pyarrow versions)
     errors = {r["sample"]["id"] if isinstance(r["sample"], dict) else "line": r["error"] for r in read_jsonl(failed)}
     assert "invalid JSON" in errors["line"]
     assert "cannot be written to Parquet: a value does not fit the Parquet schema" in errors[3]
