@@ -189,7 +189,7 @@ def test_training_refuses_bad_settings(tmp_path, flags, capsys):
 
 @pytest.mark.slow
 def test_training_script_smoke(tmp_path):
-    """Both stages of the shipped recipe, a few steps each: from scratch, then from stage 1 on 'varied' pictures
+    """The shipped recipe's kinds of stage, a few steps each: from scratch, then from a model on 'varied' pictures
     with a moving average; each result loads through beamcap's loading path and captions."""
     from beamcap.config import CaptionConfig
     from beamcap.demo import train
