@@ -179,6 +179,15 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def _drip(self, byte: bytes, every: float) -> None:
+        """``byte`` every ``every`` seconds until the server stops or the client goes."""
+        while not self.server.stop.wait(every):
+            try:
+                self.wfile.write(byte)
+                self.wfile.flush()
+            except OSError:
+                return
+
     def do_GET(self):  # noqa: N802 - the http.server API
         stop = self.server.stop
         if self.path == "/endless":  # a body that never ends
@@ -193,24 +202,14 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", "100000")
             self.end_headers()
-            while not stop.wait(0.3):
-                try:
-                    self.wfile.write(b"\x89")
-                    self.wfile.flush()
-                except OSError:
-                    return
+            self._drip(b"\x89", 0.3)
         elif self.path == "/huge":  # says so up front
             self.send_response(200)
             self.send_header("Content-Length", str(10 << 30))
             self.end_headers()
         elif self.path == "/drip-headers":  # headers a byte at a time, for ever (each byte within any timeout)
             self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            while not stop.wait(0.2):
-                try:
-                    self.wfile.write(b"a")
-                    self.wfile.flush()
-                except OSError:
-                    return
+            self._drip(b"a", 0.2)
         elif self.path == "/to-ftp":  # a redirect out of HTTP
             self.send_response(302)
             self.send_header("Location", "ftp://127.0.0.1:1/x.png")
