@@ -301,6 +301,8 @@ class CaptionConfig:
                 "use caption_num for the number of candidates"
             )
         num_beams = self.generate_kwargs.get("num_beams")
+        if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
+            raise ValueError(f"generate_kwargs num_beams must be a positive int, got {num_beams!r}")
         if not self.do_sample and self.caption_num > 1 and num_beams is not None and num_beams < self.caption_num:
             raise ValueError(
                 f"do_sample=False with caption_num={self.caption_num} needs num_beams >= caption_num "

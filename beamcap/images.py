@@ -30,6 +30,7 @@ import functools
 import http.client
 import io
 import os
+import re
 import socket
 import stat
 import sys
@@ -53,6 +54,13 @@ _CHUNK = 1 << 20
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "DIB", "PPM", "TGA", "JPEG2000", "AVIF")
 """The Pillow formats decoded (JPEG includes its multi-picture variant, MPO); where the installed Pillow has no
 decoder for one of them, it is left out."""
+MAX_JPEG_SCANS = 100
+"""A JPEG with more scans is refused before decoding: each scan of a progressive JPEG is decoded over the whole
+picture, so a small file repeating one scan thousands of times holds the worker for hours (libjpeg-turbo's tools
+offer the same guard, ``-maxscans``). Encoders write 1 to about 20 scans."""
+MAX_TILE_OVERHANG = 4
+"""A TIFF whose tiles hold more than this many times its own pixels (and over 256x256) is refused before decoding:
+libtiff inflates a whole tile, so a 1x1 TIFF declaring 16384x16384 tiles takes ~1 GB."""
 
 
 class ImageLoadError(Exception):
@@ -72,7 +80,7 @@ def describe_ref(ref: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _printable(text: str, limit: int = 300) -> str:
+def printable(text: str, limit: int = 300) -> str:
     """``text`` as one printable line (control characters escaped) of at most ``limit`` characters: paths, and
     the messages of servers and decoders, come from the input and go into errors and logs."""
     if text.isprintable() and len(text) <= limit:
@@ -82,7 +90,7 @@ def _printable(text: str, limit: int = 300) -> str:
 
 
 def _short(error: BaseException) -> str:
-    return _printable(str(error))
+    return printable(str(error))
 
 
 def _mebibytes(n: int) -> str:
@@ -140,7 +148,7 @@ def read_local(ref: Any, path: str, max_bytes: int, root: str | None = None) -> 
     """
     if "\0" in path:
         raise ImageLoadError(ref, "the path contains a NUL character")
-    tried = "" if path == ref else f" ({_printable(path)})"  # the path tried, where it is not the reference itself
+    tried = "" if path == ref else f" ({printable(path)})"  # the path tried, where it is not the reference itself
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
@@ -301,7 +309,7 @@ def read_filesystem(ref: Any, path: str, max_bytes: int) -> bytes:
     except ImageLoadError:
         raise
     except Exception as e:  # Beam filesystems raise many kinds of errors
-        raise ImageLoadError(ref, f"cannot read {_printable(path)}: {type(e).__name__}: {_short(e)}") from e
+        raise ImageLoadError(ref, f"cannot read {printable(path)}: {type(e).__name__}: {_short(e)}") from e
 
 
 def resolve_path(ref: str, image_root: str | None = None, base_dir: str | None = None) -> str:
@@ -341,7 +349,7 @@ def read_bytes(
     if not ref:
         raise ImageLoadError(ref, "the image reference is an empty string")
     path = resolve_path(ref, image_root, base_dir)
-    if path.startswith(("http://", "https://")):
+    if path[:8].lower().startswith(("http://", "https://")):  # schemes are case-insensitive (RFC 3986)
         return download(ref, path, max_bytes, download_timeout)
     if has_scheme(path):
         return read_filesystem(ref, path, max_bytes)
@@ -362,14 +370,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     and 16/32-bit greyscale scaled down rather than clipped."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I"):  # 16/32-bit greyscale, in integers (a float copy would be 8 bytes a pixel)
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM"):
+        # 16-bit greyscale (Pillow opens a PGM of more than 8 bits as "I", scaled to 0-65535): full scale is 65535,
+        # whatever the values in this image
+        values = np.asarray(image).astype(np.uint32)
+        values *= 255
+        values //= 65535
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+    if image.mode == "I":  # 32-bit greyscale, range unknown: read as 8-bit when it fits, else as 16-bit
         values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32, copy=False)
         if values.max(initial=0) > 255:
             values *= 255
             values //= 65535
         return Image.fromarray(values.astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        return image.convert("L").convert("RGB")
+    if image.mode == "F":  # floats: 0-1 by convention (float TIFFs), 0-255 when larger values show otherwise
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        if values.max(initial=0.0) <= 1.0:
+            values *= 255.0
+        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -398,6 +416,48 @@ def _refused_format(data: bytes) -> str | None:
     return None
 
 
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+"""A JPEG marker: 0xFF then neither stuffing (0x00), a restart (RSTn, inside scan data) nor another fill byte."""
+
+
+def _jpeg_scans(data: bytes, limit: int) -> int:
+    """How many scans (SOS markers) the first image of a JPEG holds, walking its marker segments (metadata is skipped
+    by length; in entropy-coded data a 0xFF is always stuffed or a restart). Counting stops at the first EOI (the
+    scans of an MPO's other frames, or of anything appended, are not decoded with the first) or past ``limit``."""
+    scans, at = 0, 2
+    while (found := _JPEG_MARKER.search(data, at)) is not None:
+        start, marker = found.start(), data[found.start() + 1]
+        if marker == 0xD9:  # EOI
+            break
+        if marker in (0x01, 0xD8):  # TEM, SOI: no length
+            at = start + 2
+            continue
+        if marker == 0xDA:
+            scans += 1
+            if scans > limit:
+                break
+        at = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
+    return scans
+
+
+def _too_costly(image: Image.Image, data: bytes, max_pixels: int) -> str | None:
+    """Why decoding this opened image would cost far more than its size says (time or memory), or None."""
+    if image.format in ("JPEG", "MPO"):
+        scans = _jpeg_scans(data, MAX_JPEG_SCANS)
+        if scans > MAX_JPEG_SCANS:
+            return f"the JPEG has more than {MAX_JPEG_SCANS} scans (each is decoded over the whole picture)"
+    elif image.format == "TIFF":
+        tile_width, tile_height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
+        if isinstance(tile_width, int) and isinstance(tile_height, int):
+            tile, own = tile_width * tile_height, image.size[0] * image.size[1]
+            if tile > max_pixels or tile > max(MAX_TILE_OVERHANG * own, 256 * 256):
+                return (
+                    f"its TIFF tiles of {tile_width}x{tile_height} pixels are far larger than its"
+                    f" {image.size[0]}x{image.size[1]} picture (a whole tile is inflated to decode it)"
+                )
+    return None
+
+
 def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None = None) -> Image.Image:
     """Decode encoded bytes into an RGB image: its first frame, EXIF orientation applied.
 
@@ -408,7 +468,10 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     a decompression bomb cannot exhaust memory. Pillow's process-wide
     ``Image.MAX_IMAGE_PIXELS`` also applies: the effective limit is the smaller
     of the two. Only the first frame is read: the other frames of an animation
-    or a multi-page file are never touched.
+    or a multi-page file are never touched. A JPEG of more than
+    :data:`MAX_JPEG_SCANS` scans and a TIFF whose tiles dwarf the picture
+    (:data:`MAX_TILE_OVERHANG`) are refused before decoding too: their cost is
+    not bounded by their size.
 
     Any error from the decoder (corrupt files raise many kinds) becomes an
     :class:`ImageLoadError`.
@@ -424,10 +487,13 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
             raise ImageLoadError(
                 ref, f"refused: {width}x{height} pixels is over the max_image_pixels limit of {max_pixels}"
             )
+        costly = _too_costly(image, data, max_pixels)
+        if costly:
+            raise ImageLoadError(ref, f"refused: {costly}")
         if draft_size and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # in place: a copy would lose the format to_rgb reads
         return to_rgb(image)
     except ImageLoadError:
         raise

@@ -12,6 +12,7 @@ on the launcher, so that workers in any folder read and write the same files.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import decimal
@@ -37,6 +38,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from beamcap.config import CaptionConfig, is_positive_int, parameters
+from beamcap.images import printable
 from beamcap.metrics import LOADS_IN, METRICS_NAMESPACE
 from beamcap.paths import has_scheme
 from beamcap.samples import MAX_SAMPLE_DEPTH, SampleError, nesting_depth
@@ -53,17 +55,21 @@ that Beam does not first try to download its Prism runner binary (which fails of
 
 DEFAULT_MAX_LINE_BYTES = 64 << 20
 """The longest JSONL line read; a longer one goes to the failed output and is never held whole."""
+BYTES_PER_VALUE = 2
+"""A JSON line holds at most one value per this many bytes (``[0,0,...]``): a Parquet row is held to as many."""
 _BLOCK = 1 << 20
 SCHEMA_LINES = 200
 """Parquet output from JSONL input takes its schema from the samples on this many first lines."""
 _HEAD = 1000
 """How many bytes of an over-long line its failure record shows."""
+# A JSON escape of a UTF-16 surrogate: the only way a lone surrogate reaches a parsed sample (UTF-8 cannot hold one).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-class ParseJsonLine(beam.DoFn):
-    """Numbered JSONL lines to samples; a line that is not valid UTF-8, strict JSON or Unicode, is nested too
-    deeply or is too long goes to ``failed`` with its file, line number and the reason (its bytes escaped where
-    they are not UTF-8)."""
+class ParseRecord(beam.DoFn):
+    """Numbered JSONL lines and Parquet rows (:func:`read_records`) to samples; a line that is not valid UTF-8,
+    strict JSON or Unicode, is nested too deeply or is too long, and a row that could not be read, goes to
+    ``failed`` with its file, line or row number and the reason (a line's bytes escaped where they are not UTF-8)."""
 
     FAILED = "failed"
 
@@ -72,10 +78,12 @@ class ParseJsonLine(beam.DoFn):
         self._lines_read = Metrics.counter(METRICS_NAMESPACE, "lines_read")
         self._lines_unparseable = Metrics.counter(METRICS_NAMESPACE, "lines_unparseable")
 
-    def process(self, numbered: tuple[str, int, bytes, int]):
+    def process(self, numbered: tuple[str, int, Any, int]):
         path, number, raw, length = numbered
         self._lines_read.inc()
-        if length == UNREADABLE:
+        if length == READ:
+            sample, problem = raw
+        elif length == UNREADABLE:
             sample, problem = "", raw.decode("utf-8", "backslashreplace")
         elif length > self._max_line_bytes:
             sample = raw[:_HEAD].decode("utf-8", "backslashreplace") + "..."
@@ -109,7 +117,7 @@ def parse_json_line(raw: bytes) -> tuple[Any, str | None]:
         return text, f"invalid JSON: {e}"
     if nesting_depth(sample, MAX_SAMPLE_DEPTH) > MAX_SAMPLE_DEPTH:  # as the transform refuses it, but kept as text
         return text, f"nested more than {MAX_SAMPLE_DEPTH} levels deep (dicts and lists)"
-    surrogate = _lone_surrogate(sample)
+    surrogate = _lone_surrogate(sample) if _SURROGATE_ESCAPE.search(text) else None  # walked only when it may hold one
     if surrogate is not None:
         return text, f"holds a lone surrogate ({surrogate!r}), which is not valid Unicode"
     return sample, None
@@ -155,11 +163,13 @@ def split_lines(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[byte
 
 UNREADABLE = -1
 """The length :func:`numbered_lines` gives where the file cannot be read on (its bytes are then the reason)."""
+READ = -2
+"""The length :func:`parquet_records` gives: the entry holds (the sample, None or what is wrong), not bytes."""
 
 
 def numbered_lines(file: fileio.ReadableFile, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
     """(path, line number, line bytes, line length) for each non-blank line of a matched file (compressed files
-    too); a line over ``max_line_bytes`` carries only its first bytes (ParseJsonLine fails it). A compressed file
+    too); a line over ``max_line_bytes`` carries only its first bytes (ParseRecord fails it). A compressed file
     that is truncated or corrupt gives its lines up to there, then one entry of length ``UNREADABLE`` saying why
     (Beam's own reader would drop the rest silently, or stop the job)."""
     path, number = file.metadata.path, 0
@@ -188,9 +198,9 @@ def open_bounded(file: fileio.ReadableFile):
     """The file's content, decompressed by its name's suffix, where every ``read(n)`` inflates at most ``n`` bytes.
 
     Beam's own reader inflates whole 16 MiB compressed blocks at once, so a small gzip or bzip2 bomb would need
-    gigabytes; Python's and zstandard's readers take the limit. zstd frames that need a window over zstd's default
-    of 128 MiB are refused (Beam allows 2 GiB, memory a hostile file could claim). (.deflate files are left to Beam's
-    reader.)
+    gigabytes; Python's readers take the limit, :class:`_ZlibReader` does for ``.deflate`` and :class:`_ZstdReader`
+    nearly does for ``.zst``. zstd frames that need a window over zstd's default of 128 MiB are refused (Beam allows
+    2 GiB, memory a hostile file could claim). A file cut short raises, in every format.
     """
     import bz2
     import gzip
@@ -200,7 +210,8 @@ def open_bounded(file: fileio.ReadableFile):
         CompressionTypes.GZIP: lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
         CompressionTypes.BZIP2: bz2.BZ2File,
         CompressionTypes.LZMA: lzma.LZMAFile,
-        CompressionTypes.ZSTD: lambda raw: __import__("zstandard").ZstdDecompressor().stream_reader(raw),
+        CompressionTypes.ZSTD: _ZstdReader,
+        CompressionTypes.DEFLATE: _ZlibReader,
     }
     reader = readers.get(CompressionTypes.detect_compression_type(file.metadata.path))
     if reader is not None and file.metadata.size_in_bytes == 0:  # empty, as Beam's reader takes it
@@ -212,6 +223,82 @@ def open_bounded(file: fileio.ReadableFile):
         return
     with file.open(compression_type=CompressionTypes.UNCOMPRESSED) as raw, reader(raw) as f:
         yield f
+
+
+class _ZlibReader(contextlib.AbstractContextManager):
+    """A ``.deflate`` file's content (zlib streams, one after another, as Beam writes and reads them): every
+    ``read(n)`` inflates at most ``n`` bytes; a stream cut short raises EOFError."""
+
+    def __init__(self, raw):
+        import zlib
+
+        self._raw, self._new = raw, zlib.decompressobj
+        self._stream, self._fed = self._new(), False
+
+    def read(self, size: int = -1) -> bytes:
+        size = size if size and size > 0 else _BLOCK
+        while True:
+            data = self._stream.unconsumed_tail
+            if not data and self._stream.eof:  # the next stream, if any, starts in what the last one left
+                data = self._stream.unused_data or self._raw.read(_BLOCK)
+                if not data:
+                    return b""
+                self._stream, self._fed = self._new(), False
+            elif not data:
+                data = self._raw.read(_BLOCK)
+                if not data:
+                    if self._fed:
+                        raise EOFError("the compressed file ended before the end-of-stream marker was reached")
+                    return b""
+            self._fed = True
+            out = self._stream.decompress(data, size)
+            if out:
+                return out
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class _ZstdReader(contextlib.AbstractContextManager):
+    """A ``.zst`` file's content (frames, skippable ones too, one after another); a frame cut short raises EOFError
+    (zstandard's stream reader ends quietly there, and the lines after the cut would be lost without a word).
+
+    zstandard's decompressor takes no output limit, so input goes in :data:`FEED` bytes at a time: one step inflates
+    at most what that many bytes can (8 MiB, zstd's largest ratio being about 32,000), kept for the reads after.
+    """
+
+    FEED = 256
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._stream, self._fed = self._new(), False
+        self._input, self._at = b"", 0
+        self._out, self._out_at = memoryview(b""), 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = size if size and size > 0 else _BLOCK
+        while self._out_at == len(self._out):
+            if self._stream.eof:  # a frame ended: the next starts in what was fed past its end
+                self._at -= len(self._stream.unused_data)
+                self._stream, self._fed = self._new(), False
+            if self._at == len(self._input):
+                self._input, self._at = self._raw.read(_BLOCK), 0
+                if not self._input:
+                    if self._fed:
+                        raise EOFError("the compressed file ended inside a zstd frame")
+                    return b""
+            piece = self._input[self._at : self._at + self.FEED]
+            self._at += len(piece)
+            self._fed = True
+            self._out, self._out_at = memoryview(self._stream.decompress(piece)), 0
+        out = self._out[self._out_at : self._out_at + size].tobytes()
+        self._out_at += len(out)
+        return out
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def lines_within(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[bytes, int]]:
@@ -365,7 +452,11 @@ def resolve_paths(args: argparse.Namespace) -> None:
     args.input = [absolute(p) for p in args.input]
     for name in ("output", "failed_output", "image_root", "image_base_dir"):
         setattr(args, name, absolute(getattr(args, name)))
-    if not has_scheme(args.hf_img2seq) and os.path.exists(os.path.expanduser(args.hf_img2seq)):
+    if (
+        isinstance(args.hf_img2seq, str)
+        and not has_scheme(args.hf_img2seq)
+        and os.path.exists(os.path.expanduser(args.hf_img2seq))
+    ):  # (a value of another type, from a recipe, is refused with the configuration's message)
         args.hf_img2seq = absolute(args.hf_img2seq)
     if args.image_root is None and args.image_base_dir is None:
         folders = sorted({input_folder(p) for p in args.input})
@@ -378,7 +469,115 @@ def resolve_paths(args: argparse.Namespace) -> None:
 
 
 def _is_parquet(path: str) -> bool:
+    """Whether a matched file is read as Parquet (by its own name, so a glob may match both kinds)."""
     return path.endswith(".parquet")
+
+
+PARQUET_GROUP_BOUND = 16
+"""A Parquet row group of more than this many times ``--max_line_bytes`` uncompressed (all its columns together),
+or of more values than a line that long could hold, is not read (its pages are inflated whole): the Parquet side
+of the line limit."""
+
+
+def _named_twice(names: list[str]) -> list[str]:
+    """The column names that occur more than once (pyarrow's rows would keep only the last of them)."""
+    return sorted(name for name, times in collections.Counter(names).items() if times > 1)
+
+
+def _value_count(array: Any) -> int:
+    """How many values an Arrow array holds, nested ones included: what its Python objects will number."""
+    import pyarrow as pa
+
+    kind = array.type
+    if pa.types.is_struct(kind):
+        return len(array) + sum(_value_count(child) for child in array.flatten())
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):  # maps too
+        return len(array) + _value_count(array.flatten())
+    if hasattr(pa.types, "is_list_view") and (pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind)):
+        return len(array) + _value_count(array.flatten())
+    return len(array)
+
+
+def parquet_rows(f: Any, max_row_bytes: int) -> Iterator[tuple[int, Any, str | None]]:
+    """(row number from 1, the row as a sample or "", None or what is wrong) for each row of an open Parquet file,
+    read one row at a time: memory holds one row and the pages it is decoded from. A row holds at most as many values
+    as a JSON line of ``max_row_bytes`` could (one per ``BYTES_PER_VALUE`` bytes). A row group too large to read is
+    one entry. A file that cannot be read gives one entry saying why (after the rows read up to there)."""
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        parquet = pq.ParquetFile(f)
+        twice = _named_twice(parquet.schema_arrow.names)
+        if twice:
+            yield 1, "", f"it has more than one column named {_capped(twice)}: which one is meant is unclear"
+            return
+        group_limit, value_limit = PARQUET_GROUP_BOUND * max_row_bytes, max_row_bytes // BYTES_PER_VALUE
+        for group in range(parquet.metadata.num_row_groups):
+            meta = parquet.metadata.row_group(group)
+            columns = [meta.column(c) for c in range(meta.num_columns)]
+            size = sum(c.total_uncompressed_size for c in columns)
+            values = sum(c.num_values for c in columns)
+            if size > group_limit or values > PARQUET_GROUP_BOUND * value_limit:
+                problem = (
+                    f"row group {group} (rows {number + 1}-{number + meta.num_rows}) holds {size} bytes "
+                    f"uncompressed in {values} values, over {group_limit} bytes or "
+                    f"{PARQUET_GROUP_BOUND * value_limit} values ({PARQUET_GROUP_BOUND} x what --max_line_bytes "
+                    "allows a line): its rows are not read (write smaller row groups)"
+                )
+                yield number + 1, "", problem
+                number += meta.num_rows
+                continue
+            for batch in parquet.iter_batches(batch_size=1, row_groups=[group], use_threads=False):
+                number += 1
+                if batch.nbytes > max_row_bytes:
+                    problem = f"the row is {batch.nbytes} bytes, over the --max_line_bytes limit of {max_row_bytes}"
+                    yield number, "", problem
+                    continue
+                values = sum(_value_count(column) for column in batch.columns)
+                if values > value_limit:
+                    problem = (
+                        f"the row holds {values} values, more than a line of --max_line_bytes ({max_row_bytes}) "
+                        f"could ({value_limit})"
+                    )
+                    yield number, "", problem
+                    continue
+                try:
+                    (row,) = batch.to_pylist()
+                except Exception as e:  # noqa: BLE001 - a value Python cannot hold (a timestamp past year 9999, ...)
+                    yield number, "", f"a value does not convert: {type(e).__name__}: {_capped(e)}"
+                    continue
+                yield number, row, None
+    except Exception as e:  # noqa: BLE001 - not Parquet, truncated, corrupt pages: pyarrow raises several kinds
+        what = "cannot read on" if number else "cannot read as Parquet"
+        yield number + 1, "", f"{what}: {type(e).__name__}: {_capped(e)}"
+
+
+def _capped(value: Any) -> str:
+    return printable(str(value))
+
+
+def parquet_records(file: fileio.ReadableFile, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+    """:func:`numbered_lines`'s entries for a matched Parquet file: (path, row number, (the row as a sample or "",
+    None or what is wrong), ``READ``). Beam's Parquet reader would fail the job on a bad file, and holds whole row
+    groups in memory."""
+    path = file.metadata.path
+    try:
+        f = file.open(compression_type=CompressionTypes.UNCOMPRESSED)
+    except Exception as e:  # noqa: BLE001 - a folder, a vanished file, a filesystem error
+        yield path, 1, ("", f"cannot open: {type(e).__name__}: {_capped(e)}"), READ
+        return
+    with f:
+        for number, sample, problem in parquet_rows(f, max_line_bytes):
+            yield path, number, (sample, problem), READ
+
+
+def read_records(file: fileio.ReadableFile, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+    """A matched file's numbered entries for :class:`ParseRecord`: its rows when its name ends in ``.parquet``, else
+    its JSONL lines (compressed or not)."""
+    if _is_parquet(file.metadata.path):
+        return parquet_records(file, max_line_bytes)
+    return numbered_lines(file, max_line_bytes)
 
 
 def parquet_schema(inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
@@ -388,9 +587,16 @@ def parquet_schema(inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYT
     import pyarrow.parquet as pq
 
     (first, *_) = FileSystems.match([inputs[0]])[0].metadata_list
-    if _is_parquet(inputs[0]):
-        with FileSystems.open(first.path) as f:
-            return pq.read_schema(pa.BufferReader(f.read()))
+    if _is_parquet(first.path):
+        try:
+            with FileSystems.open(first.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                schema = pq.read_schema(f)  # the footer only
+        except Exception as e:  # noqa: BLE001 - not Parquet, truncated, unreadable
+            raise UserError(f"cannot read the Parquet schema of {first.path} for the output: {_capped(e)}") from None
+        twice = _named_twice(schema.names)
+        if twice:
+            raise UserError(f"{first.path} has more than one column named {_capped(twice)}; rename them")
+        return schema
     rows = []
     for _, number, line, length in numbered_lines(fileio.ReadableFile(first), max_line_bytes):
         if number > SCHEMA_LINES:
@@ -464,19 +670,21 @@ class FitParquetSchema(beam.DoFn):
 
 
 def read_samples(pipeline: beam.Pipeline, inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
-    """(samples, unparseable lines as failure records or None)."""
-    if all(_is_parquet(p) for p in inputs):
-        return pipeline | "Inputs" >> beam.Create(inputs) | "ReadParquet" >> beam.io.ReadAllFromParquet(), None
+    """(samples, unreadable lines and rows as failure records): each matched file is read as Parquet when its name
+    ends in ``.parquet``, else as JSONL (compressed or not)."""
+    # One read step, one Reshuffle, one parse step for both formats: Flink's portable runner refused a per-format
+    # Partition whose branches were flattened back together ("PCollectionNodes [...] were consumed but never
+    # produced"), where this shape (the one JSONL alone had) runs.
     parsed = (
         pipeline
         | "Inputs" >> beam.Create(inputs)
         | "MatchFiles" >> fileio.MatchAll()
         | "ReadMatches" >> fileio.ReadMatches()
-        | "NumberLines" >> beam.FlatMap(numbered_lines, max_line_bytes)
+        | "ReadRecords" >> beam.FlatMap(read_records, max_line_bytes)
         | "Spread" >> beam.Reshuffle()
-        | "ParseJson" >> beam.ParDo(ParseJsonLine(max_line_bytes)).with_outputs(ParseJsonLine.FAILED, main="samples")
+        | "Parse" >> beam.ParDo(ParseRecord(max_line_bytes)).with_outputs(ParseRecord.FAILED, main="samples")
     )
-    return parsed.samples, parsed[ParseJsonLine.FAILED]
+    return parsed.samples, parsed[ParseRecord.FAILED]
 
 
 def _count(element: Any, counter) -> Any:
@@ -509,7 +717,7 @@ def build(pipeline: beam.Pipeline, args: argparse.Namespace, config: CaptionConf
     schema = parquet_schema(args.input, args.max_line_bytes) if args.output_format == "parquet" else None
     samples, bad_lines = read_samples(pipeline, args.input, args.max_line_bytes)
     good, failed = samples | "CaptionImages" >> CaptionImages.from_config(config).with_exception_handling()
-    failures = [failed] if bad_lines is None else [failed, bad_lines]
+    failures = [failed, bad_lines]
     if schema is not None:
         fitted = good | "FitParquetSchema" >> beam.ParDo(FitParquetSchema(schema)).with_outputs(
             FitParquetSchema.FAILED, main="rows"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from apache_beam.io.filesystems import FileSystems
 
 from beamcap.sources import ModelSourceError, check_model_source
@@ -19,6 +21,12 @@ def check_inputs(patterns: list[str]) -> None:
             raise UserError(f"cannot list the input {pattern!r}: {e}") from None
         if not matches:
             raise UserError(f"no input file matches {pattern!r} (check the path, and quote globs: 'data/*.jsonl')")
+        folders = [m.path for m in matches if os.path.isdir(m.path)]  # Beam's reader would skip them silently
+        if folders:
+            raise UserError(
+                f"the input {folders[0]!r} is a folder (Spark and others write a dataset as one): pass the files in "
+                f"it, such as '{folders[0].rstrip('/')}/*.parquet'"
+            )
 
 
 def check_model(hf_img2seq: str) -> None:

@@ -73,7 +73,10 @@ def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
         if recipe.get(recipe_key):
             settings[flag] = str(recipe[recipe_key])
     mappers, others = [], []
-    for entry in recipe.get("process") or []:
+    process = recipe.get("process") or []
+    if not isinstance(process, list):
+        raise RecipeError(f"{path}: process must be a list of ops, got {type(process).__name__} {process!r:.100}")
+    for entry in process:
         if not isinstance(entry, dict) or len(entry) != 1:
             raise RecipeError(f"{path}: each process entry must be a mapping of one op name to its arguments")
         ((name, args),) = entry.items()
@@ -87,6 +90,8 @@ def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
     if len(mappers) != 1:
         raise RecipeError(f"{path}: expected exactly one {OP_NAME} in process, found {len(mappers)}")
     args = mappers[0][1]
+    if not isinstance(args, dict):
+        raise RecipeError(f"{path}: {OP_NAME}'s arguments must be a mapping, got {type(args).__name__} {args!r:.100}")
     unknown = sorted(set(args) - MAPPER_ARGS - IGNORED_ARGS.keys())
     if unknown:
         raise RecipeError(f"{path}: {OP_NAME} has arguments beamcap does not know: {unknown}")

@@ -161,6 +161,37 @@ def test_a_bad_recipe(tmp_path):
     assert "not valid YAML" in one_line_error(cli("--recipe", str(tmp_path / "bad.yaml")))
 
 
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("process: 5\n", "process must be a list of ops, got int 5"),
+        (
+            "process:\n  - image_captioning_mapper: 5\n",
+            "image_captioning_mapper's arguments must be a mapping, got int",
+        ),
+        ("process:\n  - image_captioning_mapper:\n      hf_img2seq:\n", "hf_img2seq must not be None"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_are_one_line_errors(tmp_path, recipe, message):
+    """Refused on the launcher with what to change, never a traceback (they raised TypeError before)."""
+    from pipelines.caption import run
+
+    (tmp_path / "in.jsonl").write_text('{"text": "x", "images": []}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text(f"dataset_path: {tmp_path}/in.jsonl\nexport_path: {tmp_path}/o.jsonl\n" + recipe)
+    with pytest.raises(UserError, match=re.escape(message)):
+        run(["--recipe", str(path)])
+
+
+def test_a_num_beams_of_the_wrong_type_is_a_one_line_error(tmp_path):
+    from pipelines.caption import run
+
+    (tmp_path / "in.jsonl").write_text('{"text": "x", "images": []}\n')
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"), "--caption_num", "2"]
+    with pytest.raises(UserError, match=re.escape("--generate_kwargs num_beams must be a positive int, got '4'")):
+        run([*argv, "--generate_kwargs", '{"num_beams": "4"}'])
+
+
 def test_a_hub_model_that_cannot_be_reached_fails_fast_and_says_what_to_do(data, tmp_path):
     start = time.monotonic()
     args = ["--input", str(data / "data.jsonl"), "--output", str(tmp_path / "o")]

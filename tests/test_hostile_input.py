@@ -243,6 +243,7 @@ def hostile_server():
 
 def test_a_good_download(hostile_server):
     assert load_image(f"{hostile_server}/ok.png").mode == "RGB"
+    assert load_image(f"HTTP{hostile_server[4:]}/ok.png").mode == "RGB"  # a scheme in capitals is a URL too
 
 
 @pytest.mark.parametrize(
@@ -503,6 +504,65 @@ def test_outputs_are_the_same_with_hostile_batch_mates(blip_dir, image_dir):
     assert len(mixed["failed"]) == 1
 
 
+def _progressive_jpeg(extra_scans: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rfind(b"\xff\xda") : -2]  # its header and entropy-coded data, up to EOI
+    return data[:-2] + last_scan * extra_scans + b"\xff\xd9"
+
+
+def test_a_jpeg_repeating_a_scan_is_refused_before_decoding():
+    from beamcap.images import MAX_JPEG_SCANS, _jpeg_scans
+
+    plain = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(plain, "JPEG")
+    assert _jpeg_scans(plain.getvalue(), 1000) == 1
+    assert 2 <= _jpeg_scans(_progressive_jpeg(0), 1000) <= 20
+    assert decode_image(_progressive_jpeg(0), "p.jpg", 10**6).size == (64, 48)
+    bomb = _progressive_jpeg(5000)  # ~100 KB; at 179 Mpx such a file decodes for hours
+    assert _jpeg_scans(bomb, MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1  # counting stops past the limit
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode_image(bomb, "bomb.jpg", 10**6)
+
+
+def test_only_the_first_jpeg_images_scans_count():
+    """An MPO's other frames, or JPEGs appended after the first's EOI, are not decoded with it: their scans do not
+    count (a 12-frame progressive MPO was refused), nor do markers in fill bytes."""
+    from beamcap.images import MAX_JPEG_SCANS, _jpeg_scans
+
+    one = _progressive_jpeg(0)
+    scans = _jpeg_scans(one, 1000)
+    assert _jpeg_scans(one + one * 200, 1000) == scans
+    frames = [Image.new("RGB", (32, 24), (40 * i, 0, 0)) for i in range(12)]
+    mpo = io.BytesIO()
+    frames[0].save(mpo, "MPO", save_all=True, append_images=frames[1:], progressive=True)
+    assert decode_image(mpo.getvalue(), "p.mpo", 10**6).size == (32, 24)
+    assert _jpeg_scans(b"\xff\xd8" + b"\xff" * 100_000, MAX_JPEG_SCANS) == 0
+
+
+def _tiled_tiff(width: int, height: int, tile: int) -> bytes:
+    """A one-tile, deflated, 8-bit grey TIFF (written by hand: Pillow writes strips)."""
+    import struct
+    import zlib
+
+    data = zlib.compress(bytes(tile * tile), 9)
+    entries = [(256, width), (257, height), (258, 8), (259, 8), (262, 1), (277, 1), (322, tile), (323, tile)]
+    ifd = [struct.pack("<HHIHH", tag, 3, 1, value, 0) for tag, value in entries]
+    offset = 8 + 2 + 12 * (len(ifd) + 2) + 4
+    ifd += [struct.pack("<HHII", 324, 4, 1, offset), struct.pack("<HHII", 325, 4, 1, len(data))]
+    return b"II*\x00" + struct.pack("<IH", 8, len(ifd)) + b"".join(ifd) + struct.pack("<I", 0) + data
+
+
+def test_a_tiff_whose_tiles_dwarf_it_is_refused_before_decoding():
+    assert decode_image(_tiled_tiff(12, 10, 16), "small.tif", 10**6).size == (12, 10)  # a tile a bit larger: fine
+    bomb = _tiled_tiff(1, 1, 4096)  # 16 KB that libtiff inflates to 16 MB (16384 would be 256 MB)
+    with pytest.raises(ImageLoadError, match="TIFF tiles of 4096x4096 pixels are far larger than its 1x1"):
+        decode_image(bomb, "bomb.tif", 10**9)
+    with pytest.raises(ImageLoadError, match="TIFF tiles"):  # over max_pixels, however large the picture
+        decode_image(_tiled_tiff(16, 16, 64), "t.tif", 1000)
+
+
 # --- the job's reader and writer ---------------------------------------------------------------------------------
 
 
@@ -518,6 +578,27 @@ def test_lines_are_split_across_blocks_and_an_over_long_one_is_never_held_whole(
         (b"y", (2 << 20) + 1, 3 << 20),  # only limit + 1 bytes of it kept
         (b"l", 4, 4),
     ]
+
+
+@pytest.mark.parametrize(
+    "line, lone",
+    [
+        (rb'{"text": "\ud800"}', "\ud800"),
+        (rb'{"\uDFFF": 1}', "\udfff"),  # in a key, upper-case escape
+        (rb'{"a": [{"b": "x\udc00y"}]}', "\udc00"),
+        (rb'{"text": "\ud83d\ude00"}', None),  # a pair is one character
+        (rb'{"text": "\\ud800"}', None),  # an escaped backslash, then plain letters
+        (rb'{"text": "caf\u00e9"}', None),
+    ],
+)
+def test_the_reader_finds_a_lone_surrogate_wherever_it_is(line, lone):
+    from pipelines.caption import parse_json_line
+
+    value, reason = parse_json_line(line)
+    if lone is None:
+        assert reason is None and isinstance(value, dict)
+    else:
+        assert value == line.decode() and reason == f"holds a lone surrogate ({lone!r}), which is not valid Unicode"
 
 
 def test_the_writer_writes_any_record_as_one_strict_json_line():
@@ -553,12 +634,13 @@ def _readable(path):
     return fileio.ReadableFile(FileSystems.match([str(path)])[0].metadata_list[0])
 
 
-@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz", ".zst"])
+@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz", ".zst", ".deflate"])
 def test_numbered_lines_measure_content_not_line_ends(tmp_path, suffix):
     """CRLF or LF, a line exactly at the limit is read and one byte more is not; compressed inputs alike."""
     import bz2
     import gzip
     import lzma
+    import zlib
 
     import zstandard
 
@@ -566,28 +648,34 @@ def test_numbered_lines_measure_content_not_line_ends(tmp_path, suffix):
 
     data = b"abcd\r\n\r\nabcde\r\nabcd\nabcde\nlast"
     compress = {"": bytes, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
-                ".zst": zstandard.ZstdCompressor().compress}[suffix]  # fmt: skip
+                ".zst": zstandard.ZstdCompressor().compress, ".deflate": zlib.compress}[suffix]  # fmt: skip
     path = tmp_path / f"in.jsonl{suffix}"
     path.write_bytes(compress(data))
     assert [(n, line, length) for _, n, line, length in numbered_lines(_readable(path), 4)] == [
         (1, b"abcd", 4),
-        (3, b"abcde\r", 6),  # over the limit (its \r counted): ParseJsonLine fails it
+        (3, b"abcde\r", 6),  # over the limit (its \r counted): ParseRecord fails it
         (4, b"abcd", 4),
         (5, b"abcde", 5),
         (6, b"last", 4),
     ]
 
 
-def test_a_compressed_input_cannot_inflate_past_the_line_limit(tmp_path):
-    """100 MB of one line, gzipped to about 100 KB: read in bounded pieces, never whole (Beam's own reader
+@pytest.mark.parametrize("suffix", [".gz", ".deflate", ".zst"])
+def test_a_compressed_input_cannot_inflate_past_the_line_limit(tmp_path, suffix):
+    """100 MB of one line, compressed to about 100 KB: read in bounded pieces, never whole (Beam's own reader
     inflates a whole compressed block at once)."""
     import gzip
     import tracemalloc
+    import zlib
+
+    import zstandard
 
     from pipelines.caption import numbered_lines
 
-    path = tmp_path / "bomb.jsonl.gz"
-    path.write_bytes(gzip.compress(b'{"id": 1}\n' + b"x" * 100_000_000 + b"\n{}\n", compresslevel=9))
+    compress = {".gz": gzip.compress, ".deflate": zlib.compress,
+                ".zst": lambda data, level: zstandard.ZstdCompressor(level).compress(data)}[suffix]  # fmt: skip
+    path = tmp_path / f"bomb.jsonl{suffix}"
+    path.write_bytes(compress(b'{"id": 1}\n' + b"x" * 100_000_000 + b"\n{}\n", 9))
     tracemalloc.start()
     try:
         lines = [(n, length) for _, n, _, length in numbered_lines(_readable(path), 1 << 20)]
@@ -637,19 +725,20 @@ def test_a_sample_failing_on_a_later_image_leaves_its_call_whole(blip_dir, image
     assert not split, split
 
 
-@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst", ".deflate"])
 def test_an_empty_or_truncated_compressed_input_says_where_it_ends(tmp_path, suffix):
     """Empty: no lines, as Beam reads it. Truncated: its whole lines, then a failure record naming the file and the
     line it could not read (Beam's reader drops the rest silently, or stops the job)."""
     import bz2
     import gzip
     import lzma
+    import zlib
 
     import zstandard
 
-    from pipelines.caption import ParseJsonLine, numbered_lines
+    from pipelines.caption import ParseRecord, numbered_lines
 
-    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".deflate": zlib.compress,
                 ".zst": zstandard.ZstdCompressor(write_content_size=False).compress}[suffix]  # fmt: skip
     empty = tmp_path / f"empty.jsonl{suffix}"
     empty.write_bytes(b"")
@@ -657,12 +746,89 @@ def test_an_empty_or_truncated_compressed_input_says_where_it_ends(tmp_path, suf
     data = compress(b"".join(b'{"id": %d}\n' % i for i in range(20_000)))
     cut = tmp_path / f"cut.jsonl{suffix}"
     cut.write_bytes(data[: len(data) // 2])
-    entries = list(numbered_lines(_readable(cut)))
-    if suffix == ".zst":  # zstandard's reader (as Beam's) ends a cut zstd frame quietly: known, not detected
-        assert all(length > 0 for _, _, _, length in entries)
-        return
-    *lines, last = entries
+    *lines, last = numbered_lines(_readable(cut))
     assert [n for _, n, _, _ in lines] == list(range(1, len(lines) + 1))
     assert last[1] == len(lines) + 1 and last[2].startswith(b"cannot read on: ")
-    (record,) = [o.value for o in ParseJsonLine().process(last)]
+    (record,) = [o.value for o in ParseRecord().process(last)]
     assert record["sample"] == "" and record["error"].startswith(f"{cut}:{len(lines) + 1}: cannot read on: ")
+
+
+def test_a_zst_input_of_many_frames_is_read_whole_and_a_cut_in_any_frame_is_reported(tmp_path):
+    """Frames one after another (as pzstd and appending writers make them), skippable ones among them, read as one
+    stream; a cut inside the last frame, or right after a skippable frame's header, is reported, not lost."""
+    import zstandard
+
+    from pipelines.caption import numbered_lines
+
+    frame = zstandard.ZstdCompressor().compress
+    skippable = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"xyz"
+    data = skippable + frame(b'{"id": 1}\n{"id": 2}\n') + skippable + frame(b"") + frame(b'{"id": 3}\n')
+    whole = tmp_path / "frames.jsonl.zst"
+    whole.write_bytes(data)
+    assert [line for _, _, line, _ in numbered_lines(_readable(whole))] == [b'{"id": 1}', b'{"id": 2}', b'{"id": 3}']
+    for cut, lines in ((len(data) - 4, 2), (len(skippable) - 2, 0)):
+        path = tmp_path / f"cut{cut}.jsonl.zst"
+        path.write_bytes(data[:cut])
+        *read, last = numbered_lines(_readable(path))
+        assert len(read) == lines and last[3] < 0 and last[2].startswith(b"cannot read on: "), (cut, read, last)
+    big = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(window_log=30)).compressobj()
+    wide = tmp_path / "wide.jsonl.zst"  # a frame asking for a 1 GiB window: refused, not given the memory
+    wide.write_bytes(big.compress(b'{"id": 1}\n') + big.flush())
+    (entry,) = numbered_lines(_readable(wide))
+    assert entry[3] < 0 and b"Frame requires too much memory" in entry[2], entry
+
+
+def test_parquet_rows_are_read_one_at_a_time_and_oversized_row_groups_are_skipped(tmp_path, monkeypatch):
+    """400 rows of one 1 MiB string, dictionary-encoded into a 1 MB file: Beam's reader expanded all of them at
+    once (~420 MB); here Arrow never holds more than a few rows. A row group whose column is over the bound is
+    skipped with one entry; the next group is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import caption
+
+    path = tmp_path / "dict.parquet"
+    pq.write_table(pa.table({"text": ["y" * (1 << 20)] * 400, "images": [[]] * 400}), path, use_dictionary=True)
+    assert path.stat().st_size < 2 << 20
+    peak, numbers = 0, []
+    with open(path, "rb") as f:
+        for number, row, problem in caption.parquet_rows(f, 2 << 20):
+            assert problem is None and len(row["text"]) == 1 << 20
+            peak = max(peak, pa.total_allocated_bytes())
+            numbers.append(number)
+            del row
+    assert numbers == list(range(1, 401)) and peak < 40 << 20, peak
+
+    grouped = tmp_path / "groups.parquet"
+    table = pa.table({"text": ["a" * 5000, "b", "c"], "images": [[], [], []]})
+    pq.write_table(table, grouped, row_group_size=1, use_dictionary=False, compression="none")
+    monkeypatch.setattr(caption, "PARQUET_GROUP_BOUND", 1)
+    with open(grouped, "rb") as f:
+        entries = list(caption.parquet_rows(f, 1000))
+    assert [(n, r) for n, r, p in entries if p is None] == [
+        (2, {"text": "b", "images": []}),
+        (3, {"text": "c", "images": []}),
+    ]
+    ((number, row, problem),) = [e for e in entries if e[2] is not None]
+    assert number == 1 and row == "" and problem.startswith("row group 0 (rows 1-1) holds ")
+
+
+def test_parquet_rows_of_many_tiny_values_are_refused_before_python_holds_them(tmp_path):
+    """A list of nulls costs Arrow next to nothing (an 800-byte file can declare ten million of them) but Python 8
+    bytes each: a row is held to the values a line of --max_line_bytes could hold, a row group to 16 times that."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import caption
+
+    path = tmp_path / "nulls.parquet"
+    nulls = pa.array([[None] * 3000, [None], [None] * 100_000], pa.list_(pa.null()))
+    table = pa.table({"images": [[], [], []], "junk": nulls})
+    pq.write_table(table, path, row_group_size=1)
+    assert path.stat().st_size < 4000
+    with open(path, "rb") as f:
+        entries = list(caption.parquet_rows(f, 1000))
+    assert [(n, r) for n, r, p in entries if p is None] == [(2, {"images": [], "junk": [None]})]
+    (row_1, row_3) = [(n, p) for n, r, p in entries if p is not None]
+    assert row_1 == (1, "the row holds 3002 values, more than a line of --max_line_bytes (1000) could (500)")
+    assert row_3[0] == 3 and row_3[1].startswith("row group 2 (rows 3-3) holds ") and "100001 values" in row_3[1]

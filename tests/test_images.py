@@ -97,6 +97,35 @@ def test_i16_is_scaled_not_clipped(tmp_path):
     assert out.getpixel((0, 0)) == (127, 127, 127)
 
 
+@pytest.mark.parametrize(
+    "image, grey",
+    [
+        (Image.new("I;16", (2, 2), 200), 0),  # 16-bit: scaled by its full range, even when every value is small
+        (Image.new("I;16", (2, 2), 65535), 255),
+        (Image.new("F", (2, 2), 0.5), 128),  # floats of 0-1 (float TIFFs) scaled to 0-255
+        (Image.new("F", (2, 2), 200.0), 200),  # larger floats read as 0-255
+        (Image.new("F", (2, 2), float("nan")), 0),
+        (Image.new("I", (2, 2), -5), 0),
+    ],
+)
+def test_wide_greys_are_scaled_by_their_range(tmp_path, image, grey):
+    from beamcap.images import to_rgb
+
+    assert to_rgb(image).getpixel((0, 0)) == (grey, grey, grey)
+    if image.mode == "I;16":  # also through a real file
+        assert load_image(save(image, tmp_path / "g.png")).getpixel((0, 0)) == (grey, grey, grey)
+
+
+def test_a_16_bit_pgm_is_scaled_by_its_full_range(tmp_path):
+    """Pillow opens a PGM of more than 8 bits as mode I (scaled to 0-65535), not I;16: 200 of 65535 is black."""
+    path = tmp_path / "g.pgm"
+    path.write_bytes(b"P5\n2 1\n65535\n" + (200).to_bytes(2, "big") + (40000).to_bytes(2, "big"))
+    image = load_image(str(path))
+    assert (image.getpixel((0, 0)), image.getpixel((1, 0))) == ((0, 0, 0), (155, 155, 155))
+    path.write_bytes(b"P5\n1 1\n65535\n" + (200).to_bytes(2, "big"))  # values that would fit 8 bits
+    assert load_image(str(path)).getpixel((0, 0)) == (0, 0, 0)
+
+
 def test_palette_with_transparency_composited_on_white(tmp_path):
     image = Image.new("P", (4, 4), 0)
     image.putpalette([0, 0, 0] * 256)

@@ -236,3 +236,60 @@ def test_parquet_output_needs_one_schema_among_the_first_lines(tmp_path, blip_di
     (tmp_path / "in.jsonl").write_text(lines)
     with pytest.raises(UserError, match=message):
         run(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.parquet"), "--hf_img2seq", blip_dir])
+
+
+def test_hostile_parquet_inputs_fail_alone_beside_good_files(tmp_path, image_dir, blip_dir, capsys):
+    """One glob matching good and bad Parquet files and a JSONL file: each file is read by its own name; a file
+    that is not Parquet, cut short, has a column twice, or rows that are too large or do not convert, gives failure
+    records naming the file and row, and everything else is captioned (Beam's Parquet reader failed the job)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = pa.Table.from_pylist([{"text": f"{IMG}x", "images": ["red.jpg"], "n": n} for n in (1, 2)])
+    pq.write_table(good, folder / "part-0.snappy.parquet")
+    whole = (folder / "part-0.snappy.parquet").read_bytes()
+    (folder / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+    (folder / "not.parquet").write_bytes(b"text, images\n")
+    pq.write_table(
+        pa.Table.from_arrays([pa.array(["a"]), pa.array([["red.jpg"]]), pa.array([5])], ["text", "images", "images"]),
+        folder / "twice.parquet",
+    )
+    stamps = pa.array([0, 2**62], pa.timestamp("us"))  # the second is past year 9999: Python cannot hold it
+    pq.write_table(pa.table({"text": ["ok", "late"], "images": [[], []], "when": stamps}), folder / "late.parquet")
+    pq.write_table(
+        pa.table({"text": ["small", "x" * 300_000, "small2"], "images": [[], [], []]}), folder / "big.parquet"
+    )
+    (folder / "more.jsonl").write_text(json.dumps({"text": f"{IMG}y", "images": ["blue.png"], "n": 3}) + "\n")
+    out, failed = tmp_path / "o", tmp_path / "f"
+    run([
+        "--input", str(folder / "*"), "--output", str(out), "--failed_output", str(failed),
+        "--image_base_dir", str(image_dir), "--hf_img2seq", blip_dir, "--max_new_tokens", "2",
+        "--num_shards", "1", "--max_line_bytes", "200000",
+    ])  # fmt: skip
+    captioned = read_jsonl(str(out))
+    assert sorted(r.get("n", 0) for r in captioned) == [0, 0, 0, 1, 1, 2, 2, 3, 3]  # 3 passed through: no images
+    assert sorted(r["text"] for r in captioned if "n" not in r) == ["ok", "small", "small2"]
+    errors = sorted(r["error"] for r in read_jsonl(str(failed)))
+    assert len(errors) == 5, errors
+    by_file = {e.split(":", 1)[0].rsplit("/", 1)[1]: e for e in errors}
+    assert by_file["big.parquet"].startswith(f"{folder}/big.parquet:2: the row is ")
+    assert "over the --max_line_bytes limit of 200000" in by_file["big.parquet"]
+    assert by_file["cut.parquet"].startswith(f"{folder}/cut.parquet:1: cannot read as Parquet: ")
+    assert by_file["not.parquet"].startswith(f"{folder}/not.parquet:1: cannot read as Parquet: ")
+    assert by_file["twice.parquet"] == (
+        f"{folder}/twice.parquet:1: it has more than one column named ['images']: which one is meant is unclear"
+    )
+    assert by_file["late.parquet"].startswith(f"{folder}/late.parquet:2: a value does not convert: ")
+    summary = json.loads(capsys.readouterr().out.split("beamcap summary: ", 1)[1])
+    assert summary["lines_unparseable"] == 5 and summary["samples_in"] == 6
+    assert summary["lines_read"] == summary["samples_in"] + summary["lines_unparseable"]
+
+
+def test_a_folder_as_input_is_refused_with_the_files_to_pass(tmp_path, blip_dir):
+    from pipelines.options import UserError
+
+    (tmp_path / "data.parquet").mkdir()
+    with pytest.raises(UserError, match=r"is a folder .*: pass the files in it, such as '.*/data.parquet/\*.parquet'"):
+        run(["--input", str(tmp_path / "data.parquet"), "--output", str(tmp_path / "o"), "--hf_img2seq", blip_dir])
