@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -61,6 +62,10 @@ offer the same guard, ``-maxscans``). Encoders write 1 to about 20 scans."""
 MAX_TILE_OVERHANG = 4
 """A TIFF whose tiles hold more than this many times its own pixels (and over 256x256) is refused before decoding:
 libtiff inflates a whole tile, so a 1x1 TIFF declaring 16384x16384 tiles takes ~1 GB."""
+TAG_DATA_SLACK = 1 << 20
+"""A TIFF, or the EXIF of any image, whose tags declare more value bytes than its own size plus this is refused:
+Pillow reads each tag's value into its own copy, so thousands of tags pointing at one shared block of a small file
+claim gigabytes. (Each value of an honest file is stored once, so they cannot add up to more than the file.)"""
 
 
 class ImageLoadError(Exception):
@@ -440,6 +445,78 @@ def _jpeg_scans(data: bytes, limit: int) -> int:
     return scans
 
 
+_TIFF_TYPE_BYTES = {
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 1,
+    7: 1,
+    8: 2,
+    9: 4,
+    10: 8,
+    11: 4,
+    12: 8,
+    13: 4,
+    16: 8,
+    17: 8,
+    18: 8,
+}
+_LINKED_IFDS = (0x8769, 0x8825, 0xA005)  # Exif, GPS, Interoperability: IFDs a reader follows from the first
+_MAX_IFDS = 64
+
+
+def tiff_tags(data: bytes) -> tuple[int, dict[int, int]]:
+    """For a TIFF structure (a TIFF file, or the EXIF block of another format): the bytes its tags' values take,
+    summed over its first IFD and the IFDs linked from it (Exif, GPS, Interoperability), counting a repeated or
+    shared value each time a reader copies it; and the largest value given for each of TileWidth and TileLength
+    (Pillow keeps a repeated tag's last value, libtiff its first). ``(0, {})`` where ``data`` is not TIFF."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return 0, {}
+    (magic,) = struct.unpack_from(order + "H", data, 2)
+    if magic == 42:
+        count_format, entry, inline, first = "H", "HHL", 4, struct.unpack_from(order + "L", data, 4)[0]
+    elif magic == 43 and len(data) >= 16:  # BigTIFF
+        count_format, entry, inline, first = "Q", "HHQ", 8, struct.unpack_from(order + "Q", data, 8)[0]
+    else:
+        return 0, {}
+    entry_bytes = struct.calcsize(order + entry) + inline
+    total, largest, pending, seen = 0, {}, [first], set()
+    while pending and len(seen) < _MAX_IFDS:
+        at = pending.pop()
+        if at in seen or not 0 < at <= len(data) - struct.calcsize(order + count_format):
+            continue
+        seen.add(at)
+        (entries,) = struct.unpack_from(order + count_format, data, at)
+        at += struct.calcsize(order + count_format)
+        for _ in range(min(entries, (len(data) - at) // entry_bytes)):
+            tag, kind, count = struct.unpack_from(order + entry, data, at)
+            value_at = at + entry_bytes - inline
+            at += entry_bytes
+            size = _TIFF_TYPE_BYTES.get(kind, 1) * count
+            if size > inline:
+                total += size
+            elif kind in (3, 4, 13, 16) and count >= 1:
+                value_format = {3: "H", 4: "L", 13: "L", 16: "Q"}[kind]
+                (value,) = struct.unpack_from(order + value_format, data, value_at)
+                if tag in (322, 323):  # TileWidth, TileLength
+                    largest[tag] = max(largest.get(tag, 0), value)
+                elif tag in _LINKED_IFDS:
+                    pending.append(value)
+    return total, largest
+
+
+def _too_much_tag_data(data: bytes, what: str) -> str | None:
+    """Why the TIFF structure ``data`` (a file, or an EXIF block) would take far more memory to read than its size,
+    or None."""
+    declared, _ = tiff_tags(data)
+    if declared > len(data) + TAG_DATA_SLACK:
+        return f"its {what} declares {declared} bytes of tag values in {len(data)} bytes (values shared many times)"
+    return None
+
+
 def _too_costly(image: Image.Image, data: bytes, max_pixels: int) -> str | None:
     """Why decoding this opened image would cost far more than its size says (time or memory), or None."""
     if image.format in ("JPEG", "MPO"):
@@ -447,8 +524,9 @@ def _too_costly(image: Image.Image, data: bytes, max_pixels: int) -> str | None:
         if scans > MAX_JPEG_SCANS:
             return f"the JPEG has more than {MAX_JPEG_SCANS} scans (each is decoded over the whole picture)"
     elif image.format == "TIFF":
-        tile_width, tile_height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
-        if isinstance(tile_width, int) and isinstance(tile_height, int):
+        _, largest = tiff_tags(data)  # from the file: a tag given twice counts at its largest
+        tile_width, tile_height = largest.get(322), largest.get(323)
+        if tile_width and tile_height:
             tile, own = tile_width * tile_height, image.size[0] * image.size[1]
             if tile > max_pixels or tile > max(MAX_TILE_OVERHANG * own, 256 * 256):
                 return (
@@ -469,9 +547,10 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     ``Image.MAX_IMAGE_PIXELS`` also applies: the effective limit is the smaller
     of the two. Only the first frame is read: the other frames of an animation
     or a multi-page file are never touched. A JPEG of more than
-    :data:`MAX_JPEG_SCANS` scans and a TIFF whose tiles dwarf the picture
-    (:data:`MAX_TILE_OVERHANG`) are refused before decoding too: their cost is
-    not bounded by their size.
+    :data:`MAX_JPEG_SCANS` scans, a TIFF whose tiles dwarf the picture
+    (:data:`MAX_TILE_OVERHANG`) and a TIFF or EXIF block whose tags declare more
+    bytes than it holds (:data:`TAG_DATA_SLACK`) are refused before decoding
+    too: their cost is not bounded by their size.
 
     Any error from the decoder (corrupt files raise many kinds) becomes an
     :class:`ImageLoadError`.
@@ -481,6 +560,10 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     try:
         # Header only: the size is known before any pixel is decoded. (No warnings.catch_warnings here:
         # it changes process-wide state and DoFn threads decode concurrently.)
+        # Pillow reads a TIFF's tags (and later any image's EXIF tags) whole, each value into its own copy
+        too_much = _too_much_tag_data(data, "TIFF header")
+        if too_much:
+            raise ImageLoadError(ref, f"refused: {too_much}")
         image = Image.open(io.BytesIO(data), formats=_formats())
         width, height = image.size
         if width * height > max_pixels:
@@ -493,6 +576,11 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
         if draft_size and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
+        exif = image.info.get("exif")
+        if isinstance(exif, bytes):
+            too_much = _too_much_tag_data(exif.removeprefix(b"Exif\x00\x00"), "EXIF")
+            if too_much:
+                raise ImageLoadError(ref, f"refused: {too_much}")
         ImageOps.exif_transpose(image, in_place=True)  # in place: a copy would lose the format to_rgb reads
         return to_rgb(image)
     except ImageLoadError:

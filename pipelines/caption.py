@@ -59,7 +59,9 @@ BYTES_PER_VALUE = 2
 """A JSON line holds at most one value per this many bytes (``[0,0,...]``): a Parquet row is held to as many."""
 _BLOCK = 1 << 20
 SCHEMA_LINES = 200
-"""Parquet output from JSONL input takes its schema from the samples on this many first lines."""
+"""Parquet output from JSONL input takes its schema from the samples on this many first lines..."""
+SCHEMA_BYTES = 16 << 20
+"""...or on as many first lines as this many bytes hold (at least one): the launcher holds them all parsed."""
 _HEAD = 1000
 """How many bytes of an over-long line its failure record shows."""
 # A JSON escape of a UTF-16 surrogate: the only way a lone surrogate reaches a parsed sample (UTF-8 cannot hold one).
@@ -101,6 +103,13 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid in strict JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: Python would read inf, which strict JSON cannot write back
+        raise ValueError(f"the number {text[:50]} is too large for a float")
+    return value
+
+
 def parse_json_line(raw: bytes) -> tuple[Any, str | None]:
     """(the sample, None), or (the line as text, what is wrong with it)."""
     try:
@@ -108,7 +117,7 @@ def parse_json_line(raw: bytes) -> tuple[Any, str | None]:
     except UnicodeDecodeError as e:
         return raw.decode("utf-8", "backslashreplace"), f"not valid UTF-8 (byte {e.start}: {raw[e.start : e.end]!r})"
     try:
-        sample = json.loads(text, parse_constant=_no_constants)
+        sample = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
         return text, "invalid JSON: nested too deeply to parse"
     except json.JSONDecodeError as e:
@@ -198,18 +207,19 @@ def open_bounded(file: fileio.ReadableFile):
     """The file's content, decompressed by its name's suffix, where every ``read(n)`` inflates at most ``n`` bytes.
 
     Beam's own reader inflates whole 16 MiB compressed blocks at once, so a small gzip or bzip2 bomb would need
-    gigabytes; Python's readers take the limit, :class:`_ZlibReader` does for ``.deflate`` and :class:`_ZstdReader`
-    nearly does for ``.zst``. zstd frames that need a window over zstd's default of 128 MiB are refused (Beam allows
-    2 GiB, memory a hostile file could claim). A file cut short raises, in every format.
+    gigabytes; Python's gzip and bzip2 readers take the limit, :class:`_ZlibReader` does for ``.deflate``,
+    :class:`_LzmaReader` for ``.xz`` and ``.lzma``, and :class:`_ZstdReader` nearly does for ``.zst``. zstd frames
+    that need a window over zstd's default of 128 MiB are refused (Beam allows 2 GiB, memory a hostile file could
+    claim), and so are xz and lzma streams that need more decoder memory than that. A file cut short raises, in
+    every format.
     """
     import bz2
     import gzip
-    import lzma
 
     readers = {
         CompressionTypes.GZIP: lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
         CompressionTypes.BZIP2: bz2.BZ2File,
-        CompressionTypes.LZMA: lzma.LZMAFile,
+        CompressionTypes.LZMA: _LzmaReader,
         CompressionTypes.ZSTD: _ZstdReader,
         CompressionTypes.DEFLATE: _ZlibReader,
     }
@@ -251,6 +261,48 @@ class _ZlibReader(contextlib.AbstractContextManager):
                         raise EOFError("the compressed file ended before the end-of-stream marker was reached")
                     return b""
             self._fed = True
+            out = self._stream.decompress(data, size)
+            if out:
+                return out
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+MAX_DECODER_MEMORY = 128 << 20
+"""The memory an xz or lzma stream may ask its decoder for: zstd's default window limit (a header can claim a
+4 GiB dictionary, and Python's ``lzma.LZMAFile`` sets no limit)."""
+
+
+class _LzmaReader(contextlib.AbstractContextManager):
+    """An ``.xz`` or ``.lzma`` file's content (streams one after another, with xz's zero padding between them):
+    every ``read(n)`` inflates at most ``n`` bytes; a stream needing more than :data:`MAX_DECODER_MEMORY`, one cut
+    short, and bytes after the last that are not a stream raise (``lzma.LZMAFile`` ignores the last quietly)."""
+
+    def __init__(self, raw):
+        import lzma
+
+        self._raw = raw
+        self._new = lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=MAX_DECODER_MEMORY)
+        self._stream, self._started = self._new(), False
+
+    def read(self, size: int = -1) -> bytes:
+        size = size if size and size > 0 else _BLOCK
+        while True:
+            if self._stream.eof or not self._started:  # a stream starts here, if any
+                data = (self._stream.unused_data if self._started else b"").lstrip(b"\0")
+                while not data:
+                    data = self._raw.read(_BLOCK)
+                    if not data:
+                        return b""
+                    data = data.lstrip(b"\0")
+                self._stream, self._started = self._new(), True
+            elif self._stream.needs_input:
+                data = self._raw.read(_BLOCK)
+                if not data:
+                    raise EOFError("the compressed file ended before the end-of-stream marker was reached")
+            else:
+                data = b""
             out = self._stream.decompress(data, size)
             if out:
                 return out
@@ -390,6 +442,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count_or_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The job's arguments (a recipe's settings as defaults that flags override), and Beam's (checked)."""
     parser = make_parser("beamcap-caption", __doc__)
@@ -425,7 +487,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         metavar="N",
         help="longest JSONL line read; a longer one goes to the failed output, never held whole (default: 64 MiB)",
     )
-    io.add_argument("--num_shards", type=int, default=0, help="output files (default: 0, the runner decides)")
+    io.add_argument(
+        "--num_shards", type=_count_or_zero, default=0, help="output files (default: 0, the runner decides)"
+    )
     io.add_argument("--recipe", default=None, help="a Data-Juicer recipe (YAML) with an image_captioning_mapper")
     io.add_argument("--skip_other_ops", action="store_true", help="with --recipe: run only the captioning op")
     io.add_argument("--verbose", action="store_true", help="Beam's and the libraries' logs, and tracebacks")
@@ -597,23 +661,26 @@ def parquet_schema(inputs: list[str], max_line_bytes: int = DEFAULT_MAX_LINE_BYT
         if twice:
             raise UserError(f"{first.path} has more than one column named {_capped(twice)}; rename them")
         return schema
-    rows = []
+    rows, taken = [], 0
     for _, number, line, length in numbered_lines(fileio.ReadableFile(first), max_line_bytes):
-        if number > SCHEMA_LINES:
+        if number > SCHEMA_LINES or (number > 1 and taken + length > SCHEMA_BYTES):
             break
+        taken += max(length, 0)
         sample, problem = parse_json_line(line) if 0 <= length <= max_line_bytes else (None, "unreadable")
         if problem is None and isinstance(sample, dict):
             rows.append(sample)
     if not rows:
         raise UserError(
-            f"none of the first {SCHEMA_LINES} lines of {first.path} is a JSON object, so Parquet output has no "
+            f"none of the first lines of {first.path} (up to {SCHEMA_LINES}, or {SCHEMA_BYTES >> 20} MiB) is a JSON "
+            "object, so Parquet output has no "
             "schema to take (write JSONL instead: --output_format jsonl)"
         )
     try:
         return pa.Table.from_pylist(rows).schema
     except (pa.ArrowException, ValueError, TypeError, OverflowError) as e:
         raise UserError(
-            f"the first {SCHEMA_LINES} lines of {first.path} give no one Parquet schema ({e}); write JSONL instead: "
+            f"the first lines of {first.path} (up to {SCHEMA_LINES}, or {SCHEMA_BYTES >> 20} MiB) give no one Parquet "
+            f"schema ({e}); write JSONL instead: "
             "--output_format jsonl"
         ) from None
 
@@ -665,7 +732,7 @@ class FitParquetSchema(beam.DoFn):
         yield beam.pvalue.TaggedOutput(
             self.FAILED,
             {"sample": record, "error": f"cannot be written to Parquet: {problem} (the schema is the input's, or "
-             f"that of its first {SCHEMA_LINES} lines; --output_format jsonl writes any record)"},
+             f"that of its first lines; --output_format jsonl writes any record)"},
         )  # fmt: skip
 
 

@@ -43,13 +43,40 @@ class RecipeError(UserError):
     """A recipe beamcap cannot run as it is."""
 
 
+MAX_RECIPE_NODES = 100_000
+"""The most values (mappings, lists and scalars) a recipe may hold with its YAML aliases expanded: a few lines of
+nested aliases ("billion laughs") would otherwise expand to gigabytes. Real recipes hold some hundreds."""
+
+
+def _expanded_nodes(node: yaml.Node, limit: int) -> int:
+    """How many nodes ``node`` holds with aliases expanded (an alias counts its whole target each time), counted
+    up to ``limit + 1`` at most."""
+    count, stack = 0, [node]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(item for pair in node.value for item in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return count
+
+
 def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
     """The job settings a recipe asks for, as ``{flag name: value}``."""
     from apache_beam.io.filesystems import FileSystems
 
     try:
         with FileSystems.open(path) as f:
-            recipe = yaml.safe_load(f.read().decode("utf-8"))
+            text = f.read().decode("utf-8")
+        if _expanded_nodes(yaml.compose(text, Loader=yaml.SafeLoader), MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+            raise RecipeError(
+                f"{path}: holds more than {MAX_RECIPE_NODES} values once its YAML aliases (*name) are expanded; "
+                "write the values out, or use fewer aliases"
+            )
+        recipe = yaml.safe_load(text)
+    except RecipeError:
+        raise
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
     except Exception as e:  # noqa: BLE001 - a missing file, a filesystem error

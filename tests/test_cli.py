@@ -87,6 +87,7 @@ def _strict(name):
         (["--do_sample", "maybe"], "argument --do_sample: expected true or false, got 'maybe'"),
         (["--keep_candidate_mode", "best"], "argument --keep_candidate_mode: invalid choice: 'best'"),
         (["--direct_num_workers", "x"], "argument --direct_num_workers: invalid int value: 'x'"),
+        (["--num_shards", "-1"], "argument --num_shards: expected 0 or more, got -1"),
         (["--hf_img2seq", "./models/blip-base"], "model folder './models/blip-base' does not exist"),
     ],
 )  # fmt: skip

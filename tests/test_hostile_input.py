@@ -541,13 +541,15 @@ def test_only_the_first_jpeg_images_scans_count():
     assert _jpeg_scans(b"\xff\xd8" + b"\xff" * 100_000, MAX_JPEG_SCANS) == 0
 
 
-def _tiled_tiff(width: int, height: int, tile: int) -> bytes:
-    """A one-tile, deflated, 8-bit grey TIFF (written by hand: Pillow writes strips)."""
+def _tiled_tiff(width: int, height: int, tile: int, then: int | None = None) -> bytes:
+    """A one-tile, deflated, 8-bit grey TIFF (written by hand: Pillow writes strips); with ``then``, its tile tags
+    given a second time with that value."""
     import struct
     import zlib
 
     data = zlib.compress(bytes(tile * tile), 9)
     entries = [(256, width), (257, height), (258, 8), (259, 8), (262, 1), (277, 1), (322, tile), (323, tile)]
+    entries += [] if then is None else [(322, then), (323, then)]
     ifd = [struct.pack("<HHIHH", tag, 3, 1, value, 0) for tag, value in entries]
     offset = 8 + 2 + 12 * (len(ifd) + 2) + 4
     ifd += [struct.pack("<HHII", 324, 4, 1, offset), struct.pack("<HHII", 325, 4, 1, len(data))]
@@ -566,18 +568,51 @@ def test_a_tiff_whose_tiles_dwarf_it_is_refused_before_decoding():
 # --- the job's reader and writer ---------------------------------------------------------------------------------
 
 
-def test_lines_are_split_across_blocks_and_an_over_long_one_is_never_held_whole():
-    from pipelines.caption import split_lines
+def test_a_tile_tag_given_twice_counts_at_its_largest():
+    """Pillow keeps a repeated tag's last value and libtiff its first: either order is refused."""
+    for first, then in ((4096, 16), (16, 4096)):
+        with pytest.raises(ImageLoadError, match="TIFF tiles of 4096x4096 pixels"):
+            decode_image(_tiled_tiff(1, 1, first, then), "twice.tif", 10**6)
 
-    data = b"a\r\n" + b"x" * 1_500_000 + b"\n\n" + b"y" * (3 << 20) + b"\nlast"
-    lines = list(split_lines(io.BytesIO(data).read, 2 << 20))
-    assert [(head[:1], len(head), length) for head, length in lines] == [
-        (b"a", 2, 2),
-        (b"x", 1_500_000, 1_500_000),
-        (b"", 0, 0),
-        (b"y", (2 << 20) + 1, 3 << 20),  # only limit + 1 bytes of it kept
-        (b"l", 4, 4),
-    ]
+
+def _shared_tags(tags: int, size: int) -> bytes:
+    """A TIFF structure whose first IFD holds ``tags`` UNDEFINED tags, all pointing at one ``size``-byte block."""
+    import struct
+
+    block_at = 8 + 2 + 12 * tags + 4
+    entries = b"".join(struct.pack("<HHII", 1000 + i, 7, size, block_at) for i in range(tags))
+    return b"II*\x00" + struct.pack("<IH", 8, tags) + entries + bytes(4) + b"B" * size
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP", "JPEG"])
+def test_tags_sharing_one_value_cannot_claim_memory(fmt):
+    """3,000 tags pointing at one 8 KB block: 24 MB for Pillow to copy out of a 45 KB file (with 60,000 tags of
+    64 KB, 4 GB out of 800 KB). Refused before Pillow reads them, as a TIFF and as the EXIF of the other formats;
+    an honest EXIF (an orientation) still applies."""
+    import struct
+    import zlib
+
+    from beamcap.images import TAG_DATA_SLACK, tiff_tags
+
+    bomb = _shared_tags(3000, 8192)
+    assert tiff_tags(bomb)[0] == 3000 * 8192 > len(bomb) + TAG_DATA_SLACK
+    picture = io.BytesIO()
+    if fmt == "TIFF":
+        data = bomb  # the tags are read before any pixel, so the file needs none
+    elif fmt == "PNG":
+        Image.new("RGB", (4, 4), "red").save(picture, "PNG")
+        png = picture.getvalue()
+        chunk = struct.pack(">I", len(bomb)) + b"eXIf" + bomb + struct.pack(">I", zlib.crc32(b"eXIf" + bomb))
+        data = png[:33] + chunk + png[33:]  # after IHDR
+    else:  # in a WebP EXIF chunk, or a JPEG APP1 segment (which holds at most 64 KB)
+        Image.new("RGB", (4, 4), "red").save(picture, fmt, exif=b"Exif\x00\x00" + bomb)
+        data = picture.getvalue()
+    with pytest.raises(ImageLoadError, match=r"declares 24576000 bytes of tag values in \d+ bytes"):
+        decode_image(data, fmt, 10**6)
+    honest, exif = io.BytesIO(), Image.Exif()
+    exif[0x0112] = 6  # rotated: 4x2 stored, 2x4 shown
+    Image.new("RGB", (4, 2), "red").save(honest, fmt, exif=exif)
+    assert decode_image(honest.getvalue(), "honest", 10**6).size == (2, 4)
 
 
 @pytest.mark.parametrize(
@@ -599,6 +634,23 @@ def test_the_reader_finds_a_lone_surrogate_wherever_it_is(line, lone):
         assert reason is None and isinstance(value, dict)
     else:
         assert value == line.decode() and reason == f"holds a lone surrogate ({lone!r}), which is not valid Unicode"
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        (b'{"v": 1e400}', "invalid JSON: the number 1e400 is too large for a float"),
+        (b'{"v": [-1.5E+999]}', "invalid JSON: the number -1.5E+999 is too large for a float"),
+        (b'{"v": 1e308, "w": 1e-400}', None),  # the largest float, and one that rounds to 0: kept
+    ],
+)
+def test_a_number_too_large_for_a_float_is_refused_not_made_infinite(line, reason):
+    """Python reads 1e400 as inf, which the output could only write as null or as non-strict JSON."""
+    from pipelines.caption import parse_json_line
+
+    value, problem = parse_json_line(line)
+    assert problem == reason
+    assert value == (line.decode() if reason else {"v": 1e308, "w": 0.0})
 
 
 def test_the_writer_writes_any_record_as_one_strict_json_line():
@@ -751,6 +803,34 @@ def test_an_empty_or_truncated_compressed_input_says_where_it_ends(tmp_path, suf
     assert last[1] == len(lines) + 1 and last[2].startswith(b"cannot read on: ")
     (record,) = [o.value for o in ParseRecord().process(last)]
     assert record["sample"] == "" and record["error"].startswith(f"{cut}:{len(lines) + 1}: cannot read on: ")
+
+
+def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_whole(tmp_path):
+    """An .lzma header may claim a 4 GiB dictionary (Python's LZMAFile would allocate it): over 128 MiB is refused.
+    Streams one after another, with xz's zero padding, read as one; bytes after the last stream are reported."""
+    import lzma
+    import struct
+
+    from pipelines.caption import numbered_lines
+
+    claim = bytearray(lzma.compress(b'{"id": 1}\n', format=lzma.FORMAT_ALONE))
+    claim[1:5] = struct.pack("<I", 1 << 30)  # the dictionary size in the header: the stream stays valid
+    cases = {
+        "claim.jsonl.lzma": bytes(claim),
+        "streams.jsonl.xz": lzma.compress(b'{"id": 1}\n') + bytes(8) + lzma.compress(b'{"id": 2}\n') + bytes(4),
+        "tail.jsonl.xz": lzma.compress(b'{"id": 1}\n') + b"not a stream",
+    }
+    read = {}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        read[name] = [
+            (n, line if length < 0 else length) for _, n, line, length in numbered_lines(_readable(tmp_path / name))
+        ]
+    assert read == {
+        "claim.jsonl.lzma": [(1, b"cannot read on: LZMAError: Memory usage limit exceeded")],
+        "streams.jsonl.xz": [(1, 9), (2, 9)],
+        "tail.jsonl.xz": [(1, 9), (2, b"cannot read on: LZMAError: Input format not supported by decoder")],
+    }
 
 
 def test_a_zst_input_of_many_frames_is_read_whole_and_a_cut_in_any_frame_is_reported(tmp_path):

@@ -142,6 +142,25 @@ def test_recipe_with_unknown_mapper_argument_is_refused(tmp_path, image_dir, bli
         run(["--recipe", str(recipe)])
 
 
+def test_a_recipe_of_nested_aliases_is_refused_before_it_expands(tmp_path):
+    """Ten lines of aliases ("billion laughs") expand to 10**9 values: refused from the YAML's node graph, which
+    holds each alias once; a recipe using a few aliases loads as before."""
+    from pipelines.recipe import RecipeError, load_recipe
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{n}: &{n} [{', '.join(['*' + p] * 10)}]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)]
+    bomb = tmp_path / "laughs.yaml"
+    bomb.write_text("\n".join(levels) + "\ndataset_path: *i\n")
+    with pytest.raises(RecipeError, match="more than 100000 values once its YAML aliases"):
+        load_recipe(str(bomb))
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(
+        "dataset_path: &data in.jsonl\nexport_path: out.jsonl\nprocess:\n  - image_captioning_mapper:\n"
+        "      hf_img2seq: beamcap-demo\n      prompt: *data\n"
+    )
+    assert load_recipe(str(fine))["prompt"] == "in.jsonl"
+
+
 def test_parquet_in_and_out(tmp_path, image_dir, blip_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -226,7 +245,7 @@ def test_parquet_output_from_jsonl_sends_what_does_not_fit_its_schema_to_failed(
 @pytest.mark.parametrize(
     "lines, message",
     [
-        ("not json\n[1, 2]\n", "none of the first 200 lines of .* is a JSON object"),
+        ("not json\n[1, 2]\n", r"none of the first lines of .* \(up to 200, or 16 MiB\) is a JSON object"),
         ('{"text": "a", "w": 1}\n{"text": "b", "w": "x"}\n', "give no one Parquet schema .*--output_format jsonl"),
     ],
 )
@@ -236,6 +255,21 @@ def test_parquet_output_needs_one_schema_among_the_first_lines(tmp_path, blip_di
     (tmp_path / "in.jsonl").write_text(lines)
     with pytest.raises(UserError, match=message):
         run(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.parquet"), "--hf_img2seq", blip_dir])
+
+
+def test_the_parquet_schema_is_read_from_a_bounded_head_of_the_input(tmp_path, monkeypatch):
+    """The launcher holds the head it takes the schema from parsed: at most SCHEMA_BYTES of lines (at least one),
+    so 200 lines of a million tiny values each cannot exhaust it. A line past the bound is not part of the schema."""
+    import pyarrow as pa
+
+    from pipelines import caption
+
+    monkeypatch.setattr(caption, "SCHEMA_BYTES", 100)
+    first = '{"text": "a", "w": [' + ", ".join(["1"] * 40) + "]}\n"  # 140 bytes: taken whole, alone
+    (tmp_path / "in.jsonl").write_text(first + '{"text": "b", "w": "no list"}\n')
+    assert caption.parquet_schema([str(tmp_path / "in.jsonl")]).field("w").type == pa.list_(pa.int64())
+    (tmp_path / "in.jsonl").write_text('{"text": "a", "w": 1}\n' * 4 + '{"text": "b", "w": "x"}\n')  # 5th: 120+
+    assert str(caption.parquet_schema([str(tmp_path / "in.jsonl")]).field("w").type) == "int64"
 
 
 def test_hostile_parquet_inputs_fail_alone_beside_good_files(tmp_path, image_dir, blip_dir, capsys):
