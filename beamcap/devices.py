@@ -78,9 +78,12 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | str:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is a device out-of-memory error (CUDA or otherwise)."""
+    """Whether ``error`` is an out-of-memory error: CUDA's, another device's, or the CPU allocator's (torch's
+    "DefaultCPUAllocator: can't allocate memory", Python's MemoryError)."""
     oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    return isinstance(error, oom_type) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+    if isinstance(error, (oom_type, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in ("out of memory", "can't allocate memory"))
 
 
 def free_device_memory() -> None:

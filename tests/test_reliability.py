@@ -262,6 +262,16 @@ def test_an_image_that_runs_out_of_memory_alone_fails_the_bundle_loudly(blip_dir
     assert isinstance(e.value.__cause__, torch.cuda.OutOfMemoryError)
 
 
+def test_a_real_cpu_allocation_failure_is_the_devices_limit_not_the_samples(blip_dir, image_dir):
+    """caption_num=10**8 asks torch's CPU allocator for terabytes: that is out of memory (halved down to one image,
+    then the bundle fails loudly), not a failure of each sample in turn with the job exiting 0."""
+    samples = [{"id": i, "text": IMG, "images": [str(image_dir / "red.jpg")]} for i in range(2)]
+    config = CaptionConfig(blip_dir, caption_num=10**8, gpu_batch_size=2, **FAST)
+    with pytest.raises(RuntimeError, match="out of memory on cpu with this one image alone") as e:
+        run_dofn(config, samples, batch_size=2)
+    assert "can't allocate memory" in str(e.value.__cause__)
+
+
 def test_many_threads_share_one_model(blip_dir, image_dir):
     """DirectRunner with 6 threads: one model load in the process, and the same captions as one thread."""
     from apache_beam.metrics.metric import MetricsFilter
