@@ -199,7 +199,7 @@ def _decompression_errors() -> tuple[type[BaseException], ...]:
 
     import zstandard
 
-    return (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+    return (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError, InflationError)
 
 
 @contextlib.contextmanager
@@ -232,7 +232,35 @@ def open_bounded(file: fileio.ReadableFile):
             yield f
         return
     with file.open(compression_type=CompressionTypes.UNCOMPRESSED) as raw, reader(raw) as f:
-        yield f
+        yield _Inflation(f, file.metadata.size_in_bytes)
+
+
+MAX_INFLATION = 1000
+"""A compressed input may inflate to this many times its size (or to :data:`INFLATION_FLOOR`) and no further:
+JSONL compresses 5 to 200 times, and a few hundred bytes of bzip2 inflating to gigabytes of tiny lines would hold a
+worker for hours."""
+INFLATION_FLOOR = 1 << 20
+
+
+class InflationError(ValueError):
+    """A compressed input inflates past :data:`MAX_INFLATION` times its size."""
+
+
+class _Inflation:
+    """A decompressing reader that raises :class:`InflationError` past :data:`MAX_INFLATION` times ``size``."""
+
+    def __init__(self, f, size: int):
+        self._f, self._left, self._size = f, max(MAX_INFLATION * size, INFLATION_FLOOR), size
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._left -= len(data)
+        if self._left < 0:
+            raise InflationError(
+                f"it inflates past {MAX_INFLATION} times its {self._size} compressed bytes (at least "
+                f"{INFLATION_FLOOR >> 20} MiB are allowed): not read on"
+            )
+        return data
 
 
 class _ZlibReader(contextlib.AbstractContextManager):
