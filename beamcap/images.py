@@ -465,33 +465,38 @@ _TIFF_TYPE_BYTES = {
 }
 _LINKED_IFDS = (0x8769, 0x8825, 0xA005)  # Exif, GPS, Interoperability: IFDs a reader follows from the first
 _MAX_IFDS = 64
+MAX_TIFF_TAGS = 100_000
+"""A TIFF or EXIF block with more tags than this (over its IFDs) is refused unread: honest ones hold tens to
+hundreds, and walking millions (overlapping IFDs of a 256 MB file) would take minutes."""
 
 
-def tiff_tags(data: bytes) -> tuple[int, dict[int, int]]:
+def tiff_tags(data: bytes) -> tuple[int, dict[int, int], int]:
     """For a TIFF structure (a TIFF file, or the EXIF block of another format): the bytes its tags' values take,
     summed over its first IFD and the IFDs linked from it (Exif, GPS, Interoperability), counting a repeated or
-    shared value each time a reader copies it; and the largest value given for each of TileWidth and TileLength
-    (Pillow keeps a repeated tag's last value, libtiff its first). ``(0, {})`` where ``data`` is not TIFF."""
+    shared value each time a reader copies it; the largest value given for each of TileWidth and TileLength
+    (Pillow keeps a repeated tag's last value, libtiff its first); and how many tags were walked (the walk stops
+    past :data:`MAX_TIFF_TAGS`). ``(0, {}, 0)`` where ``data`` is not TIFF."""
     order = {b"II": "<", b"MM": ">"}.get(data[:2])
     if order is None or len(data) < 8:
-        return 0, {}
+        return 0, {}, 0
     (magic,) = struct.unpack_from(order + "H", data, 2)
     if magic == 42:
         count_format, entry, inline, first = "H", "HHL", 4, struct.unpack_from(order + "L", data, 4)[0]
     elif magic == 43 and len(data) >= 16:  # BigTIFF
         count_format, entry, inline, first = "Q", "HHQ", 8, struct.unpack_from(order + "Q", data, 8)[0]
     else:
-        return 0, {}
+        return 0, {}, 0
     entry_bytes = struct.calcsize(order + entry) + inline
-    total, largest, pending, seen = 0, {}, [first], set()
-    while pending and len(seen) < _MAX_IFDS:
+    total, largest, pending, seen, tags = 0, {}, [first], set(), 0
+    while pending and len(seen) < _MAX_IFDS and tags <= MAX_TIFF_TAGS:
         at = pending.pop()
         if at in seen or not 0 < at <= len(data) - struct.calcsize(order + count_format):
             continue
         seen.add(at)
         (entries,) = struct.unpack_from(order + count_format, data, at)
         at += struct.calcsize(order + count_format)
-        for _ in range(min(entries, (len(data) - at) // entry_bytes)):
+        for _ in range(min(entries, (len(data) - at) // entry_bytes, MAX_TIFF_TAGS + 1 - tags)):
+            tags += 1
             tag, kind, count = struct.unpack_from(order + entry, data, at)
             value_at = at + entry_bytes - inline
             at += entry_bytes
@@ -505,13 +510,15 @@ def tiff_tags(data: bytes) -> tuple[int, dict[int, int]]:
                     largest[tag] = max(largest.get(tag, 0), value)
                 elif tag in _LINKED_IFDS:
                     pending.append(value)
-    return total, largest
+    return total, largest, tags
 
 
 def _too_much_tag_data(data: bytes, what: str) -> str | None:
     """Why the TIFF structure ``data`` (a file, or an EXIF block) would take far more memory to read than its size,
     or None."""
-    declared, _ = tiff_tags(data)
+    declared, _, tags = tiff_tags(data)
+    if tags > MAX_TIFF_TAGS:
+        return f"its {what} holds more than {MAX_TIFF_TAGS} tags"
     if declared > len(data) + TAG_DATA_SLACK:
         return f"its {what} declares {declared} bytes of tag values in {len(data)} bytes (values shared many times)"
     return None
@@ -524,7 +531,7 @@ def _too_costly(image: Image.Image, data: bytes, max_pixels: int) -> str | None:
         if scans > MAX_JPEG_SCANS:
             return f"the JPEG has more than {MAX_JPEG_SCANS} scans (each is decoded over the whole picture)"
     elif image.format == "TIFF":
-        _, largest = tiff_tags(data)  # from the file: a tag given twice counts at its largest
+        _, largest, _ = tiff_tags(data)  # from the file: a tag given twice counts at its largest
         tile_width, tile_height = largest.get(322), largest.get(323)
         if tile_width and tile_height:
             tile, own = tile_width * tile_height, image.size[0] * image.size[1]

@@ -584,6 +584,21 @@ def _shared_tags(tags: int, size: int) -> bytes:
     return b"II*\x00" + struct.pack("<IH", 8, tags) + entries + bytes(4) + b"B" * size
 
 
+def test_a_tiff_of_too_many_tags_is_refused_without_walking_them_all():
+    """A BigTIFF IFD may declare 2**64 tags, and linked IFDs may overlap: the walk stops past MAX_TIFF_TAGS, where
+    the IFDs of a 256 MB file could hold a billion entries."""
+    import struct
+
+    from beamcap.images import MAX_TIFF_TAGS, tiff_tags
+
+    tags = 200_000
+    entries = b"".join(struct.pack("<HHQQ", 1000 + i % 60_000, 3, 1, 0) for i in range(tags))
+    data = b"II+\x00" + struct.pack("<HHQQ", 8, 0, 16, tags) + entries + bytes(8)  # BigTIFF, first IFD at 16
+    assert tiff_tags(data)[2] == MAX_TIFF_TAGS + 1
+    with pytest.raises(ImageLoadError, match=f"holds more than {MAX_TIFF_TAGS} tags"):
+        decode_image(data, "many.tif", 10**6)
+
+
 @pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP", "JPEG"])
 def test_tags_sharing_one_value_cannot_claim_memory(fmt):
     """3,000 tags pointing at one 8 KB block: 24 MB for Pillow to copy out of a 45 KB file (with 60,000 tags of
@@ -595,7 +610,7 @@ def test_tags_sharing_one_value_cannot_claim_memory(fmt):
     from beamcap.images import TAG_DATA_SLACK, tiff_tags
 
     bomb = _shared_tags(3000, 8192)
-    assert tiff_tags(bomb)[0] == 3000 * 8192 > len(bomb) + TAG_DATA_SLACK
+    assert tiff_tags(bomb)[:1] == (3000 * 8192,) and 3000 * 8192 > len(bomb) + TAG_DATA_SLACK
     picture = io.BytesIO()
     if fmt == "TIFF":
         data = bomb  # the tags are read before any pixel, so the file needs none
