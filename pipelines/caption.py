@@ -391,10 +391,19 @@ def lines_within(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[byt
         yield raw, length
 
 
+_LINE_BREAKS = re.compile("[\x85\u2028\u2029]")
+"""Characters that JSON leaves raw but Python's ``str.splitlines`` (and JavaScript before ES2019) ends a line at."""
+
+
 def to_json_line(element: Any) -> str:
-    """Strict JSON (no NaN or Infinity: they become null), UTF-8 text kept as it is; values JSON has no type for
-    (from Parquet: dates, times, decimals, bytes) written as text. Writing never fails: a record that still cannot
-    be written (nested past the stack) is written as its ``repr``, capped, with a note why."""
+    """Strict JSON (no NaN or Infinity: they become null), UTF-8 text kept as it is but for U+0085, U+2028 and
+    U+2029 (escaped, so that no line reader splits a record); values JSON has no type for (from Parquet: dates,
+    times, decimals, bytes) written as text. Writing never fails: a record that still cannot be written (nested
+    past the stack) is written as its ``repr``, capped, with a note why."""
+    return _LINE_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", _json_text(element))
+
+
+def _json_text(element: Any) -> str:
     try:
         return json.dumps(element, ensure_ascii=False, allow_nan=False, default=_json_default)
     except ValueError:

@@ -692,6 +692,10 @@ def test_the_writer_writes_any_record_as_one_strict_json_line():
         deep = [deep]
     line = to_json_line({"sample": deep, "error": "why"})
     assert "\n" not in line and json.loads(line)["error"].startswith("cannot be written as JSON: RecursionError")
+    text = "a\u2028b\u2029c\x85d\u00e9\U0001f600"  # line breaks for str.splitlines; then plain UTF-8
+    line = to_json_line({"text": text})
+    assert line == '{"text": "a\\u2028b\\u2029c\\u0085d\u00e9\U0001f600"}' and len(line.splitlines()) == 1
+    assert json.loads(line) == {"text": text}
 
 
 def _readable(path):
