@@ -60,8 +60,10 @@ MAX_JPEG_SCANS = 100
 picture, so a small file repeating one scan thousands of times holds the worker for hours (libjpeg-turbo's tools
 offer the same guard, ``-maxscans``). Encoders write 1 to about 20 scans."""
 MAX_TILE_OVERHANG = 4
-"""A TIFF whose tiles hold more than this many times its own pixels (and over 256x256) is refused before decoding:
-libtiff inflates a whole tile, so a 1x1 TIFF declaring 16384x16384 tiles takes ~1 GB."""
+"""A TIFF whose tiles hold more than this many times its own pixels (and more than :data:`TILE_FLOOR`) is refused
+before decoding: libtiff inflates a whole tile, so a 1x1 TIFF declaring 16384x16384 tiles takes ~1 GB."""
+TILE_FLOOR = 4096 * 4096
+"""Tiles up to this many pixels are always decoded (GDAL writes 512x512 tiles, even for small pictures)."""
 TAG_DATA_SLACK = 1 << 20
 """A TIFF, or the EXIF of any image, whose tags declare more value bytes than its own size plus this is refused:
 Pillow reads each tag's value into its own copy, so thousands of tags pointing at one shared block of a small file
@@ -535,7 +537,7 @@ def _too_costly(image: Image.Image, data: bytes, max_pixels: int) -> str | None:
         tile_width, tile_height = largest.get(322), largest.get(323)
         if tile_width and tile_height:
             tile, own = tile_width * tile_height, image.size[0] * image.size[1]
-            if tile > max_pixels or tile > max(MAX_TILE_OVERHANG * own, 256 * 256):
+            if tile > max_pixels or tile > max(MAX_TILE_OVERHANG * own, TILE_FLOOR):
                 return (
                     f"its TIFF tiles of {tile_width}x{tile_height} pixels are far larger than its"
                     f" {image.size[0]}x{image.size[1]} picture (a whole tile is inflated to decode it)"

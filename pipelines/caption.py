@@ -276,14 +276,14 @@ class _ZlibReader(contextlib.AbstractContextManager):
     def read(self, size: int = -1) -> bytes:
         size = size if size and size > 0 else _BLOCK
         while True:
-            data = self._stream.unconsumed_tail
-            if not data and self._stream.eof:  # the next stream, if any, starts in what the last one left
+            if self._stream.eof:  # the next stream, if any, starts in what the last one left (at its end, zlib
+                # leaves those bytes in unconsumed_tail too: fed again to the ended stream, they would loop forever)
                 data = self._stream.unused_data or self._raw.read(_BLOCK)
                 if not data:
                     return b""
                 self._stream, self._fed = self._new(), False
-            elif not data:
-                data = self._raw.read(_BLOCK)
+            else:
+                data = self._stream.unconsumed_tail or self._raw.read(_BLOCK)
                 if not data:
                     if self._fed:
                         raise EOFError("the compressed file ended before the end-of-stream marker was reached")

@@ -558,8 +558,9 @@ def _tiled_tiff(width: int, height: int, tile: int, then: int | None = None) -> 
 
 def test_a_tiff_whose_tiles_dwarf_it_is_refused_before_decoding():
     assert decode_image(_tiled_tiff(12, 10, 16), "small.tif", 10**6).size == (12, 10)  # a tile a bit larger: fine
-    bomb = _tiled_tiff(1, 1, 4096)  # 16 KB that libtiff inflates to 16 MB (16384 would be 256 MB)
-    with pytest.raises(ImageLoadError, match="TIFF tiles of 4096x4096 pixels are far larger than its 1x1"):
+    assert decode_image(_tiled_tiff(200, 200, 512), "gdal.tif", 10**6).size == (200, 200)  # GDAL's tiles: fine
+    bomb = _tiled_tiff(1, 1, 8192)  # 66 KB that libtiff inflates to 67 MB (16384 would be 268 MB)
+    with pytest.raises(ImageLoadError, match="TIFF tiles of 8192x8192 pixels are far larger than its 1x1"):
         decode_image(bomb, "bomb.tif", 10**9)
     with pytest.raises(ImageLoadError, match="TIFF tiles"):  # over max_pixels, however large the picture
         decode_image(_tiled_tiff(16, 16, 64), "t.tif", 1000)
@@ -882,6 +883,25 @@ def test_a_compressed_input_inflating_a_thousandfold_is_read_no_further(tmp_path
     plain = tmp_path / f"plain.jsonl{suffix}"
     plain.write_bytes(compress(rows))
     assert sum(1 for _ in caption.numbered_lines(_readable(plain))) == 60_000
+
+
+def test_a_deflate_input_of_several_streams_or_a_tail_is_read_whole_then_reported(tmp_path):
+    """Streams one after another, each inflating past one read: all read, in order (zlib leaves the next stream's
+    bytes in the ended stream's unconsumed_tail too; fed back to it, the reader looped forever). A tail that is not
+    a stream is one failure record."""
+    import zlib
+
+    from pipelines.caption import numbered_lines
+
+    first = b"".join(b'{"id": %d}\n' % i for i in range(150_000))  # 1.7 MB: several reads
+    second = b"".join(b'{"id": %d}\n' % i for i in range(150_000, 160_000))
+    streams = tmp_path / "streams.jsonl.deflate"
+    streams.write_bytes(zlib.compress(first) + zlib.compress(second))
+    assert [line for _, _, line, _ in numbered_lines(_readable(streams))] == (first + second).splitlines()
+    tail = tmp_path / "tail.jsonl.deflate"
+    tail.write_bytes(zlib.compress(first) + b"JUNK")
+    *lines, last = numbered_lines(_readable(tail))
+    assert len(lines) == 150_000 and last[3] < 0 and last[2].startswith(b"cannot read on: "), last
 
 
 def test_a_zst_input_of_many_frames_is_read_whole_and_a_cut_in_any_frame_is_reported(tmp_path):
