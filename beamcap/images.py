@@ -515,26 +515,26 @@ def tiff_tags(data: bytes) -> tuple[int, dict[int, int], int]:
     return total, largest, tags
 
 
-def _too_much_tag_data(data: bytes, what: str) -> str | None:
-    """Why the TIFF structure ``data`` (a file, or an EXIF block) would take far more memory to read than its size,
-    or None."""
-    declared, _, tags = tiff_tags(data)
+def _too_much_tag_data(walk: tuple[int, dict[int, int], int], size: int, what: str) -> str | None:
+    """Why a TIFF structure (a file, or an EXIF block) of ``size`` bytes, walked by :func:`tiff_tags`, would take
+    far more memory to read than its size, or None."""
+    declared, _, tags = walk
     if tags > MAX_TIFF_TAGS:
         return f"its {what} holds more than {MAX_TIFF_TAGS} tags"
-    if declared > len(data) + TAG_DATA_SLACK:
-        return f"its {what} declares {declared} bytes of tag values in {len(data)} bytes (values shared many times)"
+    if declared > size + TAG_DATA_SLACK:
+        return f"its {what} declares {declared} bytes of tag values in {size} bytes (values shared many times)"
     return None
 
 
-def _too_costly(image: Image.Image, data: bytes, max_pixels: int) -> str | None:
-    """Why decoding this opened image would cost far more than its size says (time or memory), or None."""
+def _too_costly(image: Image.Image, data: bytes, max_pixels: int, tile_tags: dict[int, int]) -> str | None:
+    """Why decoding this opened image would cost far more than its size says (time or memory), or None.
+    ``tile_tags``: the largest TileWidth and TileLength the file gives (from :func:`tiff_tags`)."""
     if image.format in ("JPEG", "MPO"):
         scans = _jpeg_scans(data, MAX_JPEG_SCANS)
         if scans > MAX_JPEG_SCANS:
             return f"the JPEG has more than {MAX_JPEG_SCANS} scans (each is decoded over the whole picture)"
     elif image.format == "TIFF":
-        _, largest, _ = tiff_tags(data)  # from the file: a tag given twice counts at its largest
-        tile_width, tile_height = largest.get(322), largest.get(323)
+        tile_width, tile_height = tile_tags.get(322), tile_tags.get(323)
         if tile_width and tile_height:
             tile, own = tile_width * tile_height, image.size[0] * image.size[1]
             if tile > max_pixels or tile > max(MAX_TILE_OVERHANG * own, TILE_FLOOR):
@@ -570,7 +570,8 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
         # Header only: the size is known before any pixel is decoded. (No warnings.catch_warnings here:
         # it changes process-wide state and DoFn threads decode concurrently.)
         # Pillow reads a TIFF's tags (and later any image's EXIF tags) whole, each value into its own copy
-        too_much = _too_much_tag_data(data, "TIFF header")
+        walk = tiff_tags(data)
+        too_much = _too_much_tag_data(walk, len(data), "TIFF header")
         if too_much:
             raise ImageLoadError(ref, f"refused: {too_much}")
         image = Image.open(io.BytesIO(data), formats=_formats())
@@ -579,7 +580,7 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
             raise ImageLoadError(
                 ref, f"refused: {width}x{height} pixels is over the max_image_pixels limit of {max_pixels}"
             )
-        costly = _too_costly(image, data, max_pixels)
+        costly = _too_costly(image, data, max_pixels, walk[1])
         if costly:
             raise ImageLoadError(ref, f"refused: {costly}")
         if draft_size and image.format == "JPEG":
@@ -587,7 +588,8 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
         image.load()
         exif = image.info.get("exif")
         if isinstance(exif, bytes):
-            too_much = _too_much_tag_data(exif.removeprefix(b"Exif\x00\x00"), "EXIF")
+            exif = exif.removeprefix(b"Exif\x00\x00")
+            too_much = _too_much_tag_data(tiff_tags(exif), len(exif), "EXIF")
             if too_much:
                 raise ImageLoadError(ref, f"refused: {too_much}")
         ImageOps.exif_transpose(image, in_place=True)  # in place: a copy would lose the format to_rgb reads
