@@ -263,7 +263,14 @@ class _Inflation:
         return data
 
 
-class _ZlibReader(contextlib.AbstractContextManager):
+class _StreamReader(contextlib.AbstractContextManager):
+    """A decompressing reader over a raw file that its caller opens and closes (so leaving it closes nothing)."""
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class _ZlibReader(_StreamReader):
     """A ``.deflate`` file's content (zlib streams, one after another, as Beam writes and reads them): every
     ``read(n)`` inflates at most ``n`` bytes; a stream cut short raises EOFError."""
 
@@ -293,16 +300,13 @@ class _ZlibReader(contextlib.AbstractContextManager):
             if out:
                 return out
 
-    def __exit__(self, *exc) -> None:
-        return None
-
 
 MAX_DECODER_MEMORY = 128 << 20
 """The memory an xz or lzma stream may ask its decoder for: zstd's default window limit (a header can claim a
 4 GiB dictionary, and Python's ``lzma.LZMAFile`` sets no limit)."""
 
 
-class _LzmaReader(contextlib.AbstractContextManager):
+class _LzmaReader(_StreamReader):
     """An ``.xz`` or ``.lzma`` file's content (streams one after another, with xz's zero padding between them):
     every ``read(n)`` inflates at most ``n`` bytes; a stream needing more than :data:`MAX_DECODER_MEMORY`, one cut
     short, and bytes after the last that are not a stream raise (``lzma.LZMAFile`` ignores the last quietly)."""
@@ -335,11 +339,8 @@ class _LzmaReader(contextlib.AbstractContextManager):
             if out:
                 return out
 
-    def __exit__(self, *exc) -> None:
-        return None
 
-
-class _ZstdReader(contextlib.AbstractContextManager):
+class _ZstdReader(_StreamReader):
     """A ``.zst`` file's content (frames, skippable ones too, one after another); a frame cut short raises EOFError
     (zstandard's stream reader ends quietly there, and the lines after the cut would be lost without a word).
 
@@ -376,9 +377,6 @@ class _ZstdReader(contextlib.AbstractContextManager):
         out = self._out[self._out_at : self._out_at + size].tobytes()
         self._out_at += len(out)
         return out
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def lines_within(read: Callable[[int], bytes], limit: int) -> Iterator[tuple[bytes, int]]:
@@ -545,7 +543,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if isinstance(args.input, str):  # from a recipe
         args.input = [args.input]
     if args.output_format is None:
-        args.output_format = "parquet" if args.output.endswith(".parquet") else "jsonl"
+        args.output_format = "parquet" if _is_parquet(args.output) else "jsonl"
     return args, beam_args
 
 
@@ -571,8 +569,9 @@ def resolve_paths(args: argparse.Namespace) -> None:
 
 
 def _is_parquet(path: str) -> bool:
-    """Whether a matched file is read as Parquet (by its own name, so a glob may match both kinds)."""
-    return path.endswith(".parquet")
+    """Whether a matched file is read as Parquet (by its own name, in any case, as Beam reads a compression
+    suffix, so a glob may match both kinds)."""
+    return path.lower().endswith(".parquet")
 
 
 PARQUET_GROUP_BOUND = 16

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from helpers import IMG
 
-from pipelines.caption import input_folder, run
+from pipelines.caption import input_folder, parse_args, run
 
 
 def read_jsonl(prefix: str) -> list:
@@ -170,11 +170,11 @@ def test_parquet_in_and_out(tmp_path, image_dir, blip_dir):
         {"text": f"{IMG}{IMG}", "images": ["blue.png", "green.jpg"], "n": 2},
         {"text": "none", "images": [], "n": 3},
     ])  # fmt: skip
-    pq.write_table(table, tmp_path / "in.parquet")
+    pq.write_table(table, tmp_path / "in.PARQUET")  # the suffix in any case, as Beam reads compression suffixes
     run(
         [
             "--input",
-            str(tmp_path / "in.parquet"),
+            str(tmp_path / "in.PARQUET"),
             "--output",
             str(tmp_path / "o"),
             "--output_format",
@@ -193,6 +193,12 @@ def test_parquet_in_and_out(tmp_path, image_dir, blip_dir):
     rows = pq.read_table(path).to_pylist()
     assert sorted(r["n"] for r in rows) == [1, 1, 2, 2, 3]
     assert pq.read_schema(path) == table.schema
+
+
+@pytest.mark.parametrize(("output", "expected"), [("o.parquet", "parquet"), ("O.Parquet", "parquet"), ("o", "jsonl")])
+def test_the_output_format_follows_the_output_suffix_in_any_case(tmp_path, output, expected):
+    args, _ = parse_args(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / output)])
+    assert args.output_format == expected
 
 
 def test_recipe_output_flag_overrides_export_path_as_a_prefix(tmp_path, image_dir, blip_dir):

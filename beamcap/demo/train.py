@@ -113,10 +113,13 @@ def train(
     style: str = "train",
     train_share: float = 0.0,
     ema: float = 0.0,
+    save_every: int = 0,
 ) -> None:
     """Train ``steps`` steps from scratch, or from the model in ``init``, and save to ``out``.
 
     With ``ema`` (a decay such as 0.999), what is saved is the exponential moving average of the weights.
+    With ``save_every``, the model is also saved to ``out`` every that many steps (each save replaces the last),
+    so that a long run can be evaluated, or stopped, part way.
     """
     random.seed(seed)
     torch.manual_seed(seed)
@@ -152,12 +155,18 @@ def train(
             averaged.update_parameters(model)
         if step % 50 == 0 or step == steps:
             _LOGGER.info("step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(), time.perf_counter() - start)
+        if save_every and step % save_every == 0 and step < steps:
+            _save(averaged.module if averaged is not None else model, processor, out, f"step {step}")
     if averaged is not None:
         model = averaged.module
     model.eval()
+    _save(model, processor, out, "the end")
+
+
+def _save(model: BlipForConditionalGeneration, processor: BlipProcessor, out: str, when: str) -> None:
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    _LOGGER.info("Saved the demo model to %s", out)
+    _LOGGER.info("Saved the demo model to %s (%s)", out, when)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,10 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save_every", type=int, default=0, help="also save every this many steps (0: at the end)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        parser.error("--steps and --batch_size must be at least 1")
+    if args.steps < 1 or args.batch_size < 1 or args.save_every < 0:
+        parser.error("--steps and --batch_size must be at least 1, --save_every at least 0")
     if not 0.0 <= args.train_share <= 1.0 or not 0.0 <= args.ema < 1.0:
         parser.error("--train_share must be in [0, 1] and --ema in [0, 1)")
     if args.train_share and args.style == "train":
@@ -184,7 +194,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed, args.init, args.style, args.train_share, args.ema)
+    train(
+        args.out,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.init,
+        args.style,
+        args.train_share,
+        args.ema,
+        args.save_every,
+    )
 
 
 if __name__ == "__main__":
