@@ -86,6 +86,14 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(s in str(error) for s in ("out of memory", "can't allocate memory"))
 
 
+def memory_that_ran_out(error: BaseException, device: str) -> str:
+    """Where an out-of-memory ``error`` ran out: ``cpu`` for the host allocator's failures (which a GPU job meets
+    too, when images or outputs are held on the host), else ``device``."""
+    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        return "cpu"
+    return device
+
+
 def free_device_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -75,7 +75,7 @@ class CaptionDoFn(beam.DoFn):
         An image that runs out of memory alone is not the sample's fault but the device's: it fails the bundle,
         loudly, as a model that cannot load does.
         """
-        from beamcap.devices import free_device_memory, is_out_of_memory
+        from beamcap.devices import free_device_memory, is_out_of_memory, memory_that_ran_out
         from beamcap.model import PromptTooLongError
 
         captioner = self._models.next()
@@ -97,10 +97,11 @@ class CaptionDoFn(beam.DoFn):
                 if not isinstance(outcome, Exception):
                     work.candidates[index] = outcome
                 elif is_out_of_memory(outcome):
+                    memory = memory_that_ran_out(outcome, captioner.info()["device"])
                     raise RuntimeError(
-                        f"{where}: out of memory on {captioner.info()['device']} with this one image alone, so no "
-                        "smaller call can caption it: use a device with more memory, a smaller torch_dtype, or "
-                        "max_input_pixels to bound the image's size"
+                        f"{where}: out of memory on {memory} with this one image alone, so no smaller call can "
+                        "caption it: use a device with more memory, a smaller torch_dtype, or max_input_pixels to "
+                        "bound the image's size"
                     ) from outcome
                 elif work.error is None:
                     work.error = f"{where}: captioning failed: {type(outcome).__name__}: {outcome}"

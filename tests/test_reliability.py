@@ -15,6 +15,7 @@ from PIL import Image
 from test_images import png_with_declared_size
 
 from beamcap import CaptionConfig, CaptionImages
+from beamcap.devices import is_out_of_memory, memory_that_ran_out
 from beamcap.dofn import CaptionDoFn
 from beamcap.model import Captioner
 
@@ -270,6 +271,20 @@ def test_a_real_cpu_allocation_failure_is_the_devices_limit_not_the_samples(blip
     with pytest.raises(RuntimeError, match="out of memory on cpu with this one image alone") as e:
         run_dofn(config, samples, batch_size=2)
     assert "can't allocate memory" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("error", "where"),
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda:0"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "cpu"),
+        (MemoryError(), "cpu"),
+    ],
+)
+def test_the_memory_that_ran_out_is_named_the_hosts_or_the_devices(error, where):
+    """A GPU job whose host allocator fails is told so, not that the GPU is full."""
+    assert is_out_of_memory(error)
+    assert memory_that_ran_out(error, "cuda:0") == where
 
 
 def test_many_threads_share_one_model(blip_dir, image_dir):
