@@ -319,6 +319,8 @@ class _LzmaReader(_StreamReader):
         self._stream, self._started = self._new(), False
 
     def read(self, size: int = -1) -> bytes:
+        import lzma
+
         size = size if size and size > 0 else _BLOCK
         while True:
             if self._stream.eof or not self._started:  # a stream starts here, if any
@@ -328,7 +330,16 @@ class _LzmaReader(_StreamReader):
                     if not data:
                         return b""
                     data = data.lstrip(b"\0")
-                self._stream, self._started = self._new(), True
+                later, self._stream, self._started = self._started, self._new(), True
+                try:
+                    out = self._stream.decompress(data, size)
+                except lzma.LZMAError as e:
+                    if later:  # the first stream's bad header is the file's; a later one's is what follows it
+                        raise lzma.LZMAError(f"bytes after the last stream are not a stream ({e})") from e
+                    raise
+                if out:
+                    return out
+                continue
             elif self._stream.needs_input:
                 data = self._raw.read(_BLOCK)
                 if not data:

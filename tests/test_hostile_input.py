@@ -841,6 +841,7 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
         "claim.jsonl.lzma": bytes(claim),
         "streams.jsonl.xz": lzma.compress(b'{"id": 1}\n') + bytes(8) + lzma.compress(b'{"id": 2}\n') + bytes(4),
         "tail.jsonl.xz": lzma.compress(b'{"id": 1}\n') + b"not a stream",
+        "junk.jsonl.xz": b"not a stream at all",
     }
     read = {}
     for name, data in cases.items():
@@ -851,7 +852,15 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
     assert read == {
         "claim.jsonl.lzma": [(1, b"cannot read on: LZMAError: Memory usage limit exceeded")],
         "streams.jsonl.xz": [(1, 9), (2, 9)],
-        "tail.jsonl.xz": [(1, 9), (2, b"cannot read on: LZMAError: Input format not supported by decoder")],
+        "junk.jsonl.xz": [(1, b"cannot read on: LZMAError: Input format not supported by decoder")],
+        "tail.jsonl.xz": [
+            (1, 9),
+            (
+                2,
+                b"cannot read on: LZMAError: bytes after the last stream are not a stream (Input format not supported "
+                b"by decoder)",
+            ),
+        ],
     }
 
 
