@@ -17,8 +17,11 @@ Reads are bounded by construction, whatever the reference points at:
 - with ``image_root``, the check is made on what was actually opened (the
   descriptor's own path), so swapping a folder for a symlink between a check
   and the open cannot escape the root;
-- images declaring more than ``max_pixels`` pixels are refused from their
-  header, before any pixel is decoded;
+- images declaring more than ``max_pixels`` pixels, or an aspect ratio over
+  :data:`MAX_ASPECT_RATIO`, are refused from their header, before any pixel is
+  decoded; so are files whose header alone would cost far more to read than
+  their size (a JPEG's EXIF or MPF tags sharing one value, a GIF of masses of
+  comments, a plain PNM of masses of comments);
 - only the raster formats in :data:`IMAGE_FORMATS` are decoded: formats whose
   decoders run other programs (EPS runs Ghostscript) or decode pixels before
   their size can be checked (ICO, ICNS) are refused by name.
@@ -40,6 +43,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -64,6 +68,23 @@ MAX_TILE_OVERHANG = 4
 before decoding: libtiff inflates a whole tile, so a 1x1 TIFF declaring 16384x16384 tiles takes ~1 GB."""
 TILE_FLOOR = 4096 * 4096
 """Tiles up to this many pixels are always decoded (GDAL writes 512x512 tiles, even for small pictures)."""
+MAX_ASPECT_RATIO = 100
+"""An image whose long side is more than this many times its short side is refused before decoding: processors
+that scale the short side up to a fixed length (CLIP's, GIT's, LLaVA's) blow a 1x200000 picture of 862 bytes up
+to 224x44,800,000 pixels, out of memory alone, which would fail the bundle. Panoramas and long receipts stay
+well inside it."""
+MAX_GIF_COMMENT_BYTES = 64 << 10
+"""A GIF whose comments before its first picture hold more bytes than this is refused unread: Pillow joins
+comment blocks by copying, in quadratic time (5 MB of comments took a minute). Honest comments are a line."""
+MAX_GIF_EXTENSIONS = 10_000
+"""A GIF with more extension blocks (or more bytes of junk) than this before its first picture is refused
+unread: Pillow reads them one by one in Python. Honest files hold a handful."""
+MAX_PLAIN_PNM_BYTES = 16 << 20
+"""A plain (ASCII) PBM, PGM or PPM file larger than this is refused unread: Pillow decodes those in Python, at
+about 1 MB a second (a 256 MB file would take minutes). Binary PNM files (P4-P6) are decoded at any size."""
+MAX_PLAIN_PNM_COMMENTS = 1_000
+"""A plain PNM file with more comments than this is refused unread: Pillow copies its read buffer once for each
+comment (half a million comments in 1 MB took 20 s)."""
 TAG_DATA_SLACK = 1 << 20
 """A TIFF, or the EXIF of any image, whose tags declare more value bytes than its own size plus this is refused:
 Pillow reads each tag's value into its own copy, so thousands of tags pointing at one shared block of a small file
@@ -174,7 +195,7 @@ def read_local(ref: Any, path: str, max_bytes: int, root: str | None = None) -> 
                 raise ImageLoadError(
                     ref, "refused: this OS cannot tell which file was opened, so image_root cannot hold"
                 )
-            if os.path.commonpath([root, opened]) != root:
+            if not os.path.isabs(opened) or os.path.commonpath([root, opened]) != root:  # pipe:[..], socket:[..]
                 raise ImageLoadError(ref, f"refused: the path resolves outside image_root {root!r}")
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -427,24 +448,70 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 """A JPEG marker: 0xFF then neither stuffing (0x00), a restart (RSTn, inside scan data) nor another fill byte."""
 
 
-def _jpeg_scans(data: bytes, limit: int) -> int:
-    """How many scans (SOS markers) the first image of a JPEG holds, walking its marker segments (metadata is skipped
-    by length; in entropy-coded data a 0xFF is always stuffed or a restart). Counting stops at the first EOI (the
-    scans of an MPO's other frames, or of anything appended, are not decoded with the first) or past ``limit``."""
-    scans, at = 0, 2
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, end) of each marker segment's payload in the first image of a JPEG, walking them in order
+    (metadata is skipped by length; in entropy-coded data a 0xFF is always stuffed or a restart), up to the first
+    EOI (an MPO's other frames, or anything appended, are not decoded with the first)."""
+    at = 2
     while (found := _JPEG_MARKER.search(data, at)) is not None:
         start, marker = found.start(), data[found.start() + 1]
         if marker == 0xD9:  # EOI
-            break
+            return
         if marker in (0x01, 0xD8):  # TEM, SOI: no length
             at = start + 2
             continue
+        at = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
+        yield marker, start + 4, at
+
+
+def _jpeg_scans(data: bytes, limit: int) -> int:
+    """How many scans (SOS markers) the first image of a JPEG holds; counting stops past ``limit``."""
+    scans = 0
+    for marker, _, _ in _jpeg_segments(data):
         if marker == 0xDA:
             scans += 1
             if scans > limit:
                 break
-        at = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
     return scans
+
+
+def _jpeg_tiff_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """The TIFF structures that Pillow parses while opening a JPEG: its EXIF (APP1) and MPF (APP2) blocks."""
+    for marker, start, end in _jpeg_segments(data):
+        if marker == 0xDA:  # the header ends at the first scan
+            return
+        prefix = {0xE1: b"Exif\0\0", 0xE2: b"MPF\0"}.get(marker)
+        if prefix is not None and data.startswith(prefix, start):
+            yield ("EXIF" if marker == 0xE1 else "MPF"), data[start + len(prefix) : end]
+
+
+_GIF_BLOCK = re.compile(rb"[\x21\x2c\x3b]")  # an extension, a picture, the trailer
+
+
+def _gif_preamble(data: bytes) -> tuple[int, int]:
+    """(comment bytes, extensions and junk bytes) before a GIF's first picture: what Pillow reads, in Python, on
+    opening it. The count stops past :data:`MAX_GIF_EXTENSIONS`."""
+    if not data.startswith(b"GIF") or len(data) < 13:
+        return 0, 0
+    flags, at = data[10], 13
+    if flags & 0x80:
+        at += 3 << ((flags & 7) + 1)  # the global colour table
+    comments = blocks = 0
+    while at < len(data) and blocks <= MAX_GIF_EXTENSIONS:
+        found = _GIF_BLOCK.search(data, at)
+        if found is None:
+            break
+        blocks += found.start() - at  # Pillow skips junk one byte at a time
+        if data[found.start()] != 0x21:
+            break
+        label, at = data[found.start() + 1 : found.start() + 2], found.start() + 2
+        blocks += 1
+        while at < len(data) and (size := data[at]):
+            comments += size if label == b"\xfe" else 0
+            at += 1 + size
+        comments += 1 if label == b"\xfe" else 0  # the newline Pillow puts between comments
+        at += 1
+    return comments, blocks
 
 
 _TIFF_TYPE_BYTES = {
@@ -526,6 +593,31 @@ def _too_much_tag_data(walk: tuple[int, dict[int, int], int], size: int, what: s
     return None
 
 
+def _too_costly_to_open(data: bytes) -> str | None:
+    """Why opening ``data`` (reading its header, before its size is known) would cost far more than its size says,
+    or None. Format by format, from the bytes alone."""
+    if data.startswith(b"\xff\xd8"):
+        for what, block in _jpeg_tiff_blocks(data):
+            too_much = _too_much_tag_data(tiff_tags(block), len(block), what)
+            if too_much:
+                return too_much
+    elif data.startswith(b"GIF"):
+        comments, blocks = _gif_preamble(data)
+        if comments > MAX_GIF_COMMENT_BYTES:
+            return f"the GIF holds more than {MAX_GIF_COMMENT_BYTES} bytes of comments before its first picture"
+        if blocks > MAX_GIF_EXTENSIONS:
+            return f"the GIF holds more than {MAX_GIF_EXTENSIONS} extension blocks before its first picture"
+    elif data[:2] in (b"P1", b"P2", b"P3"):
+        if len(data) > MAX_PLAIN_PNM_BYTES:
+            return (
+                f"the file is plain (ASCII) PNM of {len(data)} bytes, over {MAX_PLAIN_PNM_BYTES} (decoded in Python, "
+                "slowly; binary PNM is decoded at any size)"
+            )
+        if data.count(b"#") > MAX_PLAIN_PNM_COMMENTS:
+            return f"the plain PNM file holds more than {MAX_PLAIN_PNM_COMMENTS} comments"
+    return None
+
+
 def _too_costly(image: Image.Image, data: bytes, max_pixels: int, tile_tags: dict[int, int]) -> str | None:
     """Why decoding this opened image would cost far more than its size says (time or memory), or None.
     ``tile_tags``: the largest TileWidth and TileLength the file gives (from :func:`tiff_tags`)."""
@@ -557,9 +649,12 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     of the two. Only the first frame is read: the other frames of an animation
     or a multi-page file are never touched. A JPEG of more than
     :data:`MAX_JPEG_SCANS` scans, a TIFF whose tiles dwarf the picture
-    (:data:`MAX_TILE_OVERHANG`) and a TIFF or EXIF block whose tags declare more
-    bytes than it holds (:data:`TAG_DATA_SLACK`) are refused before decoding
-    too: their cost is not bounded by their size.
+    (:data:`MAX_TILE_OVERHANG`), a TIFF, EXIF or MPF block whose tags declare
+    more bytes than it holds (:data:`TAG_DATA_SLACK`), a GIF with masses of
+    comments or extensions before its first picture, and large or
+    comment-ridden plain PNM files are refused before decoding too: their cost
+    is not bounded by their size. So is an image more than
+    :data:`MAX_ASPECT_RATIO` times longer than wide (or wider than long).
 
     Any error from the decoder (corrupt files raise many kinds) becomes an
     :class:`ImageLoadError`.
@@ -571,7 +666,7 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
         # it changes process-wide state and DoFn threads decode concurrently.)
         # Pillow reads a TIFF's tags (and later any image's EXIF tags) whole, each value into its own copy
         walk = tiff_tags(data)
-        too_much = _too_much_tag_data(walk, len(data), "TIFF header")
+        too_much = _too_much_tag_data(walk, len(data), "TIFF header") or _too_costly_to_open(data)
         if too_much:
             raise ImageLoadError(ref, f"refused: {too_much}")
         image = Image.open(io.BytesIO(data), formats=_formats())
@@ -579,6 +674,12 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
         if width * height > max_pixels:
             raise ImageLoadError(
                 ref, f"refused: {width}x{height} pixels is over the max_image_pixels limit of {max_pixels}"
+            )
+        if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+            raise ImageLoadError(
+                ref,
+                f"refused: {width}x{height} pixels is an aspect ratio over {MAX_ASPECT_RATIO}:1 (processors that "
+                "scale the short side up would blow it up to billions of pixels)",
             )
         costly = _too_costly(image, data, max_pixels, walk[1])
         if costly:

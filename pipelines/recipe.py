@@ -107,6 +107,8 @@ def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
         if not isinstance(entry, dict) or len(entry) != 1:
             raise RecipeError(f"{path}: each process entry must be a mapping of one op name to its arguments")
         ((name, args),) = entry.items()
+        if not isinstance(name, str):
+            raise RecipeError(f"{path}: an op name must be a string, got {type(name).__name__} {name!r:.100}")
         (mappers if name == OP_NAME else others).append((name, args or {}))
     if others and not skip_other_ops:
         names = ", ".join(sorted({n for n, _ in others}))
@@ -119,6 +121,9 @@ def load_recipe(path: str, skip_other_ops: bool = False) -> dict[str, Any]:
     args = mappers[0][1]
     if not isinstance(args, dict):
         raise RecipeError(f"{path}: {OP_NAME}'s arguments must be a mapping, got {type(args).__name__} {args!r:.100}")
+    not_names = [k for k in args if not isinstance(k, str)]
+    if not_names:
+        raise RecipeError(f"{path}: {OP_NAME}'s argument names must be strings, got {not_names!r:.100}")
     unknown = sorted(set(args) - MAPPER_ARGS - IGNORED_ARGS.keys())
     if unknown:
         raise RecipeError(f"{path}: {OP_NAME} has arguments beamcap does not know: {unknown}")

@@ -171,6 +171,8 @@ def test_a_bad_recipe(tmp_path):
             "image_captioning_mapper's arguments must be a mapping, got int",
         ),
         ("process:\n  - image_captioning_mapper:\n      hf_img2seq:\n", "hf_img2seq must not be None"),
+        ("process:\n  - 1: {}\n", "an op name must be a string, got int 1"),
+        ("process:\n  - image_captioning_mapper: {1: 2, foo: 3}\n", "argument names must be strings, got [1]"),
     ],
 )
 def test_recipe_values_of_the_wrong_type_are_one_line_errors(tmp_path, recipe, message):

@@ -992,3 +992,112 @@ def test_parquet_rows_of_many_tiny_values_are_refused_before_python_holds_them(t
     (row_1, row_3) = [(n, p) for n, r, p in entries if p is not None]
     assert row_1 == (1, "the row holds 3002 values, more than a line of --max_line_bytes (1000) could (500)")
     assert row_3[0] == 3 and row_3[1].startswith("row group 2 (rows 3-3) holds ") and "100001 values" in row_3[1]
+
+
+# --- files whose header costs far more to read than their size ---------------------------------------------------
+
+
+def _jpeg_with_segment(marker: int, payload: bytes) -> bytes:
+    import struct
+
+    picture = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(picture, "JPEG")
+    jpeg = picture.getvalue()
+    return jpeg[:2] + bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_a_jpegs_mpf_block_sharing_one_value_is_refused_before_pillow_reads_it():
+    """Pillow parses a JPEG's MPF (APP2) block while opening it, every tag into Python ints: 1,000 tags of 32,759
+    SHORTs at one offset of a 66 KB file took 1.3 GB (5,400 passed 3.5 GB). Refused from the bytes, before
+    opening; an honest MPO still decodes (test_the_other_listed_formats_still_decode)."""
+    import struct
+
+    from beamcap.images import TAG_DATA_SLACK, tiff_tags
+
+    tags, count = 1000, 32000
+    block = b"MM\x00\x2a" + struct.pack(">IH", 8, tags)
+    block += b"".join(struct.pack(">HHII", 0x1000 + i, 3, count, 8) for i in range(tags)) + bytes(4)
+    block += bytes(64000 - len(block))
+    assert tiff_tags(block)[0] == tags * count * 2 > len(block) + TAG_DATA_SLACK
+    with pytest.raises(ImageLoadError, match=r"refused: its MPF declares 64000000 bytes of tag values"):
+        decode_image(_jpeg_with_segment(0xE2, b"MPF\x00" + block), "mpf.jpg", 10**6)
+
+
+def _gif(comment_blocks: list[bytes]) -> bytes:
+    """A 1x1 GIF with these extension blocks (label and sub-blocks) before its picture."""
+    import struct
+
+    header = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0, 0, 0)
+    picture = b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00;"
+    return header + b"".join(comment_blocks) + picture
+
+
+def test_a_gif_of_masses_of_comments_or_extensions_is_refused_unread():
+    """Pillow joins GIF comments by copying (5 MB of comments took a minute, quadratic) and reads extensions one by
+    one in Python: past 64 KiB of comments or 10,000 extensions before the first picture, the file is refused."""
+    from beamcap.images import MAX_GIF_COMMENT_BYTES, MAX_GIF_EXTENSIONS, _gif_preamble
+
+    one_long = _gif([b"!\xfe" + (b"\xff" + b"x" * 255) * 300 + b"\x00"])  # 76,500 bytes in one comment
+    many = _gif([b"!\xfe\x01x\x00"] * (MAX_GIF_EXTENSIONS + 1))
+    honest = _gif([b"!\xfe\x0cmade by hand\x00", b"!\xf9\x04\x00\x00\x00\x00\x00"])
+    assert _gif_preamble(honest) == (13, 2)
+    assert decode_image(honest, "honest.gif", 10**6).size == (1, 1)
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_COMMENT_BYTES} bytes of comments"):
+        decode_image(one_long, "long.gif", 10**6)
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_EXTENSIONS} extension blocks"):
+        decode_image(many, "many.gif", 10**6)
+    junk = _gif([b"\x00" * (MAX_GIF_EXTENSIONS + 1)])  # Pillow skips junk bytes one at a time too
+    with pytest.raises(ImageLoadError, match="extension blocks"):
+        decode_image(junk, "junk.gif", 10**6)
+
+
+def test_plain_pnm_files_that_pillow_would_decode_for_minutes_are_refused_unread():
+    """Pillow decodes plain (ASCII) PBM/PGM/PPM in Python, at about 1 MB a second, and copies its buffer once per
+    comment (1 MB of comments took 20 s): over 16 MiB or 1,000 comments they are refused; small ones decode."""
+    from beamcap.images import MAX_PLAIN_PNM_BYTES, MAX_PLAIN_PNM_COMMENTS
+
+    assert decode_image(b"P1\n# a comment\n2 1\n0 1\n", "ok.pbm", 10**6).size == (2, 1)
+    commented = b"P1\n1 1\n" + b"#\n" * (MAX_PLAIN_PNM_COMMENTS + 1) + b"0\n"
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_PLAIN_PNM_COMMENTS} comments"):
+        decode_image(commented, "comments.pbm", 10**6)
+    big = b"P2\n2048 4096\n255\n" + b"0 " * (MAX_PLAIN_PNM_BYTES // 2)
+    with pytest.raises(ImageLoadError, match=f"plain \\(ASCII\\) PNM of {len(big)} bytes, over {MAX_PLAIN_PNM_BYTES}"):
+        decode_image(big, "big.pgm", 10**8)
+    binary = io.BytesIO()
+    Image.new("L", (8, 4), 9).save(binary, "PPM")  # P5: decoded by C code, at any size
+    assert decode_image(binary.getvalue(), "ok.pgm", 10**6).size == (8, 4)
+
+
+def test_an_image_far_longer_than_wide_is_refused_and_fails_alone_on_an_upscaling_processor(tmp_path, image_dir):
+    """A 1x200000 PNG of 862 bytes: GIT's CLIP processor scales its short side up to the crop size, the long one
+    with it, so the one image ran out of memory alone and failed the bundle. Refused from its header instead;
+    an aspect ratio of 100:1 is still decoded."""
+    from beamcap.images import MAX_ASPECT_RATIO
+    from beamcap.testing.models import build_git
+
+    Image.new("RGB", (1, 200_000)).save(tmp_path / "thin.png")
+    Image.new("RGB", (MAX_ASPECT_RATIO * 20, 20), "blue").save(tmp_path / "wide.png")
+    with pytest.raises(ImageLoadError, match=f"1x200000 pixels is an aspect ratio over {MAX_ASPECT_RATIO}:1"):
+        load_image(str(tmp_path / "thin.png"))
+    assert load_image(str(tmp_path / "wide.png")).size == (MAX_ASPECT_RATIO * 20, 20)
+    git = build_git(str(tmp_path / "git"))
+    good = [{"id": c, "text": IMG, "images": [str(image_dir / f"{c}.jpg")]} for c in COLOURS]
+    samples = [*good[:2], {"id": "thin", "text": IMG, "images": [str(tmp_path / "thin.png")]}, good[2]]
+    out = run_dofn(CaptionConfig(git, **FAST), samples, 4)
+    alone = run_dofn(CaptionConfig(git, **FAST), good, 3)
+    assert canonical(out["generated"]) == canonical(alone["generated"])
+    (failed,) = out["failed"]
+    assert failed["sample"]["id"] == "thin" and "aspect ratio over" in failed["error"]
+
+
+def test_image_root_refuses_a_descriptor_that_is_no_file(tmp_path):
+    """/proc/self/fd/N of a pipe resolves to 'pipe:[...]', not a path: refused as outside the root (it raised
+    ValueError from os.path.commonpath)."""
+    read_end, write_end = os.pipe()
+    (tmp_path / "p.jpg").symlink_to(f"/proc/self/fd/{read_end}")  # a name under the root, opening the pipe
+    try:
+        with pytest.raises(ImageLoadError, match="resolves outside image_root"):
+            read_bytes(str(tmp_path / "p.jpg"), str(tmp_path), None, 1 << 20, 1.0)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
