@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN, SpecialTokens
-from beamcap.images import DEFAULT_DOWNLOAD_TIMEOUT_SECS, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from beamcap.images import (
+    DEFAULT_DOWNLOAD_TIMEOUT_SECS,
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+)
 from beamcap.retention import KeepMode
 
 _LOGGER = logging.getLogger(__name__)
@@ -206,6 +211,13 @@ class CaptionConfig:
     max_image_pixels: int = param(
         DEFAULT_MAX_IMAGE_PIXELS,
         "images declaring more pixels are refused before decoding (default: Pillow's limit)",
+        check=is_positive_int,
+    )
+    max_aspect_ratio: int = param(
+        DEFAULT_MAX_ASPECT_RATIO,
+        "images whose long side is more than this many times their short side are refused before decoding "
+        "(processors that scale the short side up, such as CLIP's in GIT and LLaVA, would blow them up); raise it "
+        "for models that resize to a fixed square, such as BLIP",
         check=is_positive_int,
     )
     max_image_bytes: int = param(

@@ -18,10 +18,10 @@ Reads are bounded by construction, whatever the reference points at:
   descriptor's own path), so swapping a folder for a symlink between a check
   and the open cannot escape the root;
 - images declaring more than ``max_pixels`` pixels, or an aspect ratio over
-  :data:`MAX_ASPECT_RATIO`, are refused from their header, before any pixel is
+  :data:`DEFAULT_MAX_ASPECT_RATIO` (``max_aspect_ratio``), are refused from their header, before any pixel is
   decoded; so are files whose header alone would cost far more to read than
   their size (a JPEG's EXIF or MPF tags sharing one value, a GIF of masses of
-  comments, a plain PNM of masses of comments);
+  comments or blocks, a PNM header of masses of comments, a large plain PNM);
 - only the raster formats in :data:`IMAGE_FORMATS` are decoded: formats whose
   decoders run other programs (EPS runs Ghostscript) or decode pixels before
   their size can be checked (ICO, ICNS) are refused by name.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import http.client
 import io
+import itertools
 import os
 import re
 import socket
@@ -68,20 +69,25 @@ MAX_TILE_OVERHANG = 4
 before decoding: libtiff inflates a whole tile, so a 1x1 TIFF declaring 16384x16384 tiles takes ~1 GB."""
 TILE_FLOOR = 4096 * 4096
 """Tiles up to this many pixels are always decoded (GDAL writes 512x512 tiles, even for small pictures)."""
-MAX_ASPECT_RATIO = 100
-"""An image whose long side is more than this many times its short side is refused before decoding: processors
+DEFAULT_MAX_ASPECT_RATIO = 100
+"""By default, an image whose long side is more than this many times its short side is refused before decoding
+(the ``max_aspect_ratio`` parameter): processors
 that scale the short side up to a fixed length (CLIP's, GIT's, LLaVA's) blow a 1x200000 picture of 862 bytes up
 to 224x44,800,000 pixels, out of memory alone, which would fail the bundle. Panoramas and long receipts stay
-well inside it."""
+well inside it; models that resize to a fixed square (BLIP) can take a higher limit."""
 MAX_GIF_COMMENT_BYTES = 64 << 10
 """A GIF whose comments before its first picture hold more bytes than this is refused unread: Pillow joins
 comment blocks by copying, in quadratic time (5 MB of comments took a minute). Honest comments are a line."""
-MAX_GIF_EXTENSIONS = 10_000
-"""A GIF with more extension blocks (or more bytes of junk) than this before its first picture is refused
-unread: Pillow reads them one by one in Python. Honest files hold a handful."""
+MAX_GIF_BLOCKS = 100_000
+"""A GIF with more blocks (extensions, their sub-blocks, bytes of junk) than this before its first picture is
+refused unread: Pillow reads each in Python. Honest files hold a handful (an XMP packet some thousands)."""
+MAX_PNM_HEADER_BYTES = 64 << 10
+"""A PBM, PGM or PPM file whose header (its size and maximum value, with the comments and blanks among them) is
+longer than this is refused unread: Pillow reads it a byte at a time in Python (8 MiB took 4 s). Honest headers
+are tens of bytes."""
 MAX_PLAIN_PNM_BYTES = 16 << 20
 """A plain (ASCII) PBM, PGM or PPM file larger than this is refused unread: Pillow decodes those in Python, at
-about 1 MB a second (a 256 MB file would take minutes). Binary PNM files (P4-P6) are decoded at any size."""
+about 1 MB a second (a 256 MB file would take minutes). Binary PNM files (P4-P6) are decoded in C at any size."""
 MAX_PLAIN_PNM_COMMENTS = 1_000
 """A plain PNM file with more comments than this is refused unread: Pillow copies its read buffer once for each
 comment (half a million comments in 1 MB took 20 s)."""
@@ -448,70 +454,119 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 """A JPEG marker: 0xFF then neither stuffing (0x00), a restart (RSTn, inside scan data) nor another fill byte."""
 
 
-def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """(marker, start, end) of each marker segment's payload in the first image of a JPEG, walking them in order
-    (metadata is skipped by length; in entropy-coded data a 0xFF is always stuffed or a restart), up to the first
-    EOI (an MPO's other frames, or anything appended, are not decoded with the first)."""
-    at = 2
+def _jpeg_scans(data: bytes, limit: int) -> int:
+    """How many scans (SOS markers) the first image of a JPEG holds, walking its marker segments (metadata is skipped
+    by length; in entropy-coded data a 0xFF is always stuffed or a restart). Counting stops at the first EOI (the
+    scans of an MPO's other frames, or of anything appended, are not decoded with the first) or past ``limit``."""
+    scans, at = 0, 2
     while (found := _JPEG_MARKER.search(data, at)) is not None:
         start, marker = found.start(), data[found.start() + 1]
         if marker == 0xD9:  # EOI
-            return
+            break
         if marker in (0x01, 0xD8):  # TEM, SOI: no length
             at = start + 2
             continue
-        at = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
-        yield marker, start + 4, at
-
-
-def _jpeg_scans(data: bytes, limit: int) -> int:
-    """How many scans (SOS markers) the first image of a JPEG holds; counting stops past ``limit``."""
-    scans = 0
-    for marker, _, _ in _jpeg_segments(data):
         if marker == 0xDA:
             scans += 1
             if scans > limit:
                 break
+        at = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
     return scans
 
 
+@functools.cache
+def _jpeg_markers() -> tuple[frozenset[int], frozenset[int]]:
+    """(markers Pillow reads a segment after, markers it reads alone), from its own table."""
+    from PIL.JpegImagePlugin import MARKER
+
+    with_segment = frozenset(m & 0xFF for m, (_, _, handler) in MARKER.items() if handler is not None)
+    return with_segment, frozenset(m & 0xFF for m in MARKER) - with_segment
+
+
 def _jpeg_tiff_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """The TIFF structures that Pillow parses while opening a JPEG: its EXIF (APP1) and MPF (APP2) blocks."""
-    for marker, start, end in _jpeg_segments(data):
-        if marker == 0xDA:  # the header ends at the first scan
-            return
-        prefix = {0xE1: b"Exif\0\0", 0xE2: b"MPF\0"}.get(marker)
-        if prefix is not None and data.startswith(prefix, start):
-            yield ("EXIF" if marker == 0xE1 else "MPF"), data[start + len(prefix) : end]
+    """The TIFF structures Pillow holds after opening a JPEG, walking its header as Pillow does (junk bytes and
+    fill skipped, markers without a segment passed, an EOI too, up to the first SOS or a marker it does not know):
+    the EXIF of all its ``Exif`` APP1 segments joined, and the MPF of its last ``MPF`` APP2 segment."""
+    with_segment, alone = _jpeg_markers()
+    exif, mpf, at = [], None, 2
+    while (at := data.find(b"\xff", at)) != -1 and at + 1 < len(data):
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill
+            at += 1
+        elif marker == 0x00 or marker in alone:
+            at += 2
+        elif marker in with_segment:
+            length = int.from_bytes(data[at + 2 : at + 4], "big")
+            payload = data[at + 4 : at + 4 + max(0, length - 2)]
+            at += 4 + max(0, length - 2)
+            if marker == 0xDA:  # Pillow's header ends at the first scan
+                break
+            if marker == 0xE1 and payload.startswith(b"Exif\0\0"):
+                exif.append(payload[6:])
+            elif marker == 0xE2 and payload.startswith(b"MPF\0"):
+                mpf = payload[4:]
+        else:  # Pillow stops: "no marker found"
+            break
+    if exif:
+        yield "EXIF", b"".join(exif)
+    if mpf is not None:
+        yield "MPF", mpf
 
 
 _GIF_BLOCK = re.compile(rb"[\x21\x2c\x3b]")  # an extension, a picture, the trailer
 
 
 def _gif_preamble(data: bytes) -> tuple[int, int]:
-    """(comment bytes, extensions and junk bytes) before a GIF's first picture: what Pillow reads, in Python, on
-    opening it. The count stops past :data:`MAX_GIF_EXTENSIONS`."""
+    """(comment bytes, blocks) before a GIF's first picture, read as Pillow reads them on opening it: blocks are
+    extensions, their sub-blocks and bytes of junk (Pillow reads each in Python). Counting stops past
+    :data:`MAX_GIF_BLOCKS`."""
     if not data.startswith(b"GIF") or len(data) < 13:
         return 0, 0
     flags, at = data[10], 13
     if flags & 0x80:
         at += 3 << ((flags & 7) + 1)  # the global colour table
     comments = blocks = 0
-    while at < len(data) and blocks <= MAX_GIF_EXTENSIONS:
+
+    def sub_block() -> bytes:  # Pillow's GifImageFile.data(): b"" for the terminator (or the end)
+        nonlocal at, blocks
+        size = data[at] if at < len(data) else 0
+        block, at = data[at + 1 : at + 1 + size], at + 1 + size
+        blocks += 1
+        return block
+
+    while at < len(data) and blocks <= MAX_GIF_BLOCKS:
         found = _GIF_BLOCK.search(data, at)
         if found is None:
             break
-        blocks += found.start() - at  # Pillow skips junk one byte at a time
+        blocks += found.start() - at  # junk, skipped a byte at a time
         if data[found.start()] != 0x21:
             break
         label, at = data[found.start() + 1 : found.start() + 2], found.start() + 2
-        blocks += 1
-        while at < len(data) and (size := data[at]):
-            comments += size if label == b"\xfe" else 0
-            at += 1 + size
-        comments += 1 if label == b"\xfe" else 0  # the newline Pillow puts between comments
-        at += 1
+        block = sub_block()
+        if label == b"\xfe":  # a comment: its sub-blocks up to the terminator, joined
+            while block and blocks <= MAX_GIF_BLOCKS:
+                comments += len(block)
+                block = sub_block()
+            comments += 1  # the newline Pillow puts between comments
+            continue
+        if label == b"\xff" and block.startswith(b"NETSCAPE2.0"):
+            sub_block()  # the loop count
+        while sub_block() and blocks <= MAX_GIF_BLOCKS:  # the rest, to a terminator (after an empty first too)
+            pass
     return comments, blocks
+
+
+_PNM_BLANKS = re.compile(rb"(?:[ \t\n\v\f\r]|#[^\r\n]*)*")
+_PNM_TOKEN = re.compile(rb"(?:[^ \t\n\v\f\r#]|#[^\r\n]*[\r\n]?)*")  # a comment inside a token is dropped
+_PNM_COMMENT = re.compile(rb"#[^\r\n]*")
+
+
+def _pnm_header_bytes(data: bytes) -> int:
+    """How many bytes Pillow reads, one at a time, for a PNM file's header: its size (and maximum value)."""
+    at = 2
+    for _ in range(2 if data[1:2] in (b"1", b"4") else 3):
+        at = _PNM_TOKEN.match(data, _PNM_BLANKS.match(data, at).end()).end()
+    return at
 
 
 _TIFF_TYPE_BYTES = {
@@ -595,7 +650,7 @@ def _too_much_tag_data(walk: tuple[int, dict[int, int], int], size: int, what: s
 
 def _too_costly_to_open(data: bytes) -> str | None:
     """Why opening ``data`` (reading its header, before its size is known) would cost far more than its size says,
-    or None. Format by format, from the bytes alone."""
+    or None. Format by format, from the bytes alone, walked as Pillow walks them."""
     if data.startswith(b"\xff\xd8"):
         for what, block in _jpeg_tiff_blocks(data):
             too_much = _too_much_tag_data(tiff_tags(block), len(block), what)
@@ -605,16 +660,21 @@ def _too_costly_to_open(data: bytes) -> str | None:
         comments, blocks = _gif_preamble(data)
         if comments > MAX_GIF_COMMENT_BYTES:
             return f"the GIF holds more than {MAX_GIF_COMMENT_BYTES} bytes of comments before its first picture"
-        if blocks > MAX_GIF_EXTENSIONS:
-            return f"the GIF holds more than {MAX_GIF_EXTENSIONS} extension blocks before its first picture"
-    elif data[:2] in (b"P1", b"P2", b"P3"):
-        if len(data) > MAX_PLAIN_PNM_BYTES:
-            return (
-                f"the file is plain (ASCII) PNM of {len(data)} bytes, over {MAX_PLAIN_PNM_BYTES} (decoded in Python, "
-                "slowly; binary PNM is decoded at any size)"
-            )
-        if data.count(b"#") > MAX_PLAIN_PNM_COMMENTS:
-            return f"the plain PNM file holds more than {MAX_PLAIN_PNM_COMMENTS} comments"
+        if blocks > MAX_GIF_BLOCKS:
+            return f"the GIF holds more than {MAX_GIF_BLOCKS} blocks (extensions, sub-blocks) before its first picture"
+    elif len(data) >= 2 and data[:1] == b"P" and data[1] in b"0123456fy":  # Pillow's PNM family
+        header = _pnm_header_bytes(data)
+        if header > MAX_PNM_HEADER_BYTES:
+            return f"its PNM header is {header} bytes long, over {MAX_PNM_HEADER_BYTES} (read a byte at a time)"
+        if data[1:2] in (b"1", b"2", b"3"):
+            if len(data) > MAX_PLAIN_PNM_BYTES:
+                return (
+                    f"the file is plain (ASCII) PNM of {len(data)} bytes, over {MAX_PLAIN_PNM_BYTES} (decoded in "
+                    "Python, slowly; binary PNM is decoded at any size)"
+                )
+            comments = itertools.islice(_PNM_COMMENT.finditer(data, header), MAX_PLAIN_PNM_COMMENTS + 1)
+            if sum(1 for _ in comments) > MAX_PLAIN_PNM_COMMENTS:
+                return f"the plain PNM file holds more than {MAX_PLAIN_PNM_COMMENTS} comments"
     return None
 
 
@@ -637,7 +697,13 @@ def _too_costly(image: Image.Image, data: bytes, max_pixels: int, tile_tags: dic
     return None
 
 
-def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+def decode_image(
+    data: bytes,
+    ref: Any,
+    max_pixels: int,
+    draft_size: int | None = None,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> Image.Image:
     """Decode encoded bytes into an RGB image: its first frame, EXIF orientation applied.
 
     With ``draft_size``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4,
@@ -654,7 +720,7 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
     comments or extensions before its first picture, and large or
     comment-ridden plain PNM files are refused before decoding too: their cost
     is not bounded by their size. So is an image more than
-    :data:`MAX_ASPECT_RATIO` times longer than wide (or wider than long).
+    ``max_aspect_ratio`` times longer than wide (or wider than long).
 
     Any error from the decoder (corrupt files raise many kinds) becomes an
     :class:`ImageLoadError`.
@@ -675,11 +741,12 @@ def decode_image(data: bytes, ref: Any, max_pixels: int, draft_size: int | None 
             raise ImageLoadError(
                 ref, f"refused: {width}x{height} pixels is over the max_image_pixels limit of {max_pixels}"
             )
-        if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        if max(width, height) > max_aspect_ratio * max(1, min(width, height)):
             raise ImageLoadError(
                 ref,
-                f"refused: {width}x{height} pixels is an aspect ratio over {MAX_ASPECT_RATIO}:1 (processors that "
-                "scale the short side up would blow it up to billions of pixels)",
+                f"refused: {width}x{height} pixels is an aspect ratio over the max_aspect_ratio limit of "
+                f"{max_aspect_ratio:g}:1 (processors that scale the short side up would blow it up to billions of "
+                "pixels)",
             )
         costly = _too_costly(image, data, max_pixels, walk[1])
         if costly:
@@ -731,8 +798,9 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_SECS,
     draft_size: int | None = None,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Read and decode one image reference into an RGB :class:`PIL.Image.Image`; any failure is an
     :class:`ImageLoadError`."""
     data = read_bytes(ref, image_root, base_dir, max_bytes, download_timeout)
-    return decode_image(data, ref, max_pixels, draft_size)
+    return decode_image(data, ref, max_pixels, draft_size, max_aspect_ratio)

@@ -210,6 +210,7 @@ def load_images(
                     image_root=config.image_root,
                     base_dir=config.image_base_dir,
                     max_pixels=config.max_image_pixels,
+                    max_aspect_ratio=config.max_aspect_ratio,
                     max_bytes=config.max_image_bytes,
                     download_timeout=config.download_timeout_secs,
                     draft_size=draft_size,

@@ -14,7 +14,12 @@ from beamcap.batching import BatchByImages, restore_windowing, uses_stream_batch
 from beamcap.config import DEFAULT_MODEL, CaptionConfig, args_docstring
 from beamcap.dj_format import DEFAULT_EOC_TOKEN, DEFAULT_IMAGE_TOKEN
 from beamcap.dofn import FAILED, GENERATED, ORIGINAL, CaptionDoFn
-from beamcap.images import DEFAULT_DOWNLOAD_TIMEOUT_SECS, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from beamcap.images import (
+    DEFAULT_DOWNLOAD_TIMEOUT_SECS,
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+)
 from beamcap.retention import KeepMode
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(CaptionConfig))
@@ -99,6 +104,7 @@ class CaptionImages(beam.PTransform):
         image_root: str | None = None,
         image_base_dir: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_aspect_ratio: int = DEFAULT_MAX_ASPECT_RATIO,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         download_timeout_secs: float = DEFAULT_DOWNLOAD_TIMEOUT_SECS,
         max_input_pixels: int | None = None,

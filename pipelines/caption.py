@@ -306,6 +306,9 @@ MAX_DECODER_MEMORY = 128 << 20
 4 GiB dictionary, and Python's ``lzma.LZMAFile`` sets no limit)."""
 
 
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
 class _LzmaReader(_StreamReader):
     """An ``.xz`` or ``.lzma`` file's content (streams one after another, with xz's zero padding between them):
     every ``read(n)`` inflates at most ``n`` bytes; a stream needing more than :data:`MAX_DECODER_MEMORY`, one cut
@@ -316,7 +319,7 @@ class _LzmaReader(_StreamReader):
 
         self._raw = raw
         self._new = lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=MAX_DECODER_MEMORY)
-        self._stream, self._started = self._new(), False
+        self._stream, self._started, self._xz = self._new(), False, False
 
     def read(self, size: int = -1) -> bytes:
         import lzma
@@ -330,16 +333,14 @@ class _LzmaReader(_StreamReader):
                     if not data:
                         return b""
                     data = data.lstrip(b"\0")
-                later, self._stream, self._started = self._started, self._new(), True
-                try:
-                    out = self._stream.decompress(data, size)
-                except lzma.LZMAError as e:
-                    if later:  # the first stream's bad header is the file's; a later one's is what follows it
-                        raise lzma.LZMAError(f"bytes after the last stream are not a stream ({e})") from e
-                    raise
-                if out:
-                    return out
-                continue
+                if not self._started:
+                    self._xz = data.startswith(XZ_MAGIC)
+                elif self._xz:  # what follows an xz stream is another, by its magic bytes, or not a stream at all
+                    while len(data) < len(XZ_MAGIC) and (more := self._raw.read(_BLOCK)):
+                        data += more
+                    if not data.startswith(XZ_MAGIC):
+                        raise lzma.LZMAError(f"bytes after the last xz stream are not a stream: {data[:16]!r}")
+                self._stream, self._started = self._new(), True
             elif self._stream.needs_input:
                 data = self._raw.read(_BLOCK)
                 if not data:

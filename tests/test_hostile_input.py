@@ -835,6 +835,7 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
 
     from pipelines.caption import numbered_lines
 
+    second = lzma.compress(b'{"id": 2}\n' * 50)  # a real second stream, corrupt past its header: its own error
     claim = bytearray(lzma.compress(b'{"id": 1}\n', format=lzma.FORMAT_ALONE))
     claim[1:5] = struct.pack("<I", 1 << 30)  # the dictionary size in the header: the stream stays valid
     cases = {
@@ -842,6 +843,8 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
         "streams.jsonl.xz": lzma.compress(b'{"id": 1}\n') + bytes(8) + lzma.compress(b'{"id": 2}\n') + bytes(4),
         "tail.jsonl.xz": lzma.compress(b'{"id": 1}\n') + b"not a stream",
         "junk.jsonl.xz": b"not a stream at all",
+        "newline.jsonl.xz": lzma.compress(b'{"id": 1}\n') + b"\n",  # not a cut: a stray byte after the end
+        "corrupt.jsonl.xz": lzma.compress(b'{"id": 1}\n') + second[:20] + b"\x55" * 8 + second[28:],
     }
     read = {}
     for name, data in cases.items():
@@ -855,12 +858,13 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
         "junk.jsonl.xz": [(1, b"cannot read on: LZMAError: Input format not supported by decoder")],
         "tail.jsonl.xz": [
             (1, 9),
-            (
-                2,
-                b"cannot read on: LZMAError: bytes after the last stream are not a stream (Input format not supported "
-                b"by decoder)",
-            ),
+            (2, b"cannot read on: LZMAError: bytes after the last xz stream are not a stream: b'not a stream'"),
         ],
+        "newline.jsonl.xz": [
+            (1, 9),
+            (2, b"cannot read on: LZMAError: bytes after the last xz stream are not a stream: b'\\n'"),
+        ],
+        "corrupt.jsonl.xz": [(1, 9), (2, b"cannot read on: LZMAError: Corrupt input data")],
     }
 
 
@@ -1006,21 +1010,47 @@ def _jpeg_with_segment(marker: int, payload: bytes) -> bytes:
     return jpeg[:2] + bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
 
 
-def test_a_jpegs_mpf_block_sharing_one_value_is_refused_before_pillow_reads_it():
-    """Pillow parses a JPEG's MPF (APP2) block while opening it, every tag into Python ints: 1,000 tags of 32,759
-    SHORTs at one offset of a 66 KB file took 1.3 GB (5,400 passed 3.5 GB). Refused from the bytes, before
-    opening; an honest MPO still decodes (test_the_other_listed_formats_still_decode)."""
+def _shared_value_tags(tags: int, count: int, size: int) -> bytes:
+    """A big-endian TIFF block of ``size`` bytes whose ``tags`` SHORT tags each hold ``count`` values at offset 8."""
     import struct
 
-    from beamcap.images import TAG_DATA_SLACK, tiff_tags
-
-    tags, count = 1000, 32000
     block = b"MM\x00\x2a" + struct.pack(">IH", 8, tags)
     block += b"".join(struct.pack(">HHII", 0x1000 + i, 3, count, 8) for i in range(tags)) + bytes(4)
-    block += bytes(64000 - len(block))
-    assert tiff_tags(block)[0] == tags * count * 2 > len(block) + TAG_DATA_SLACK
-    with pytest.raises(ImageLoadError, match=r"refused: its MPF declares 64000000 bytes of tag values"):
-        decode_image(_jpeg_with_segment(0xE2, b"MPF\x00" + block), "mpf.jpg", 10**6)
+    assert 8 + 2 * count <= size  # the values lie inside the block, so Pillow reads them
+    return block + bytes(size - len(block))
+
+
+@pytest.mark.parametrize("before", [b"", b"\xff\xd9", b"\xff\xc8", b"\xff\xfd", b"junk\xff\xff"])
+def test_a_jpegs_mpf_block_sharing_one_value_is_refused_before_pillow_reads_it(before):
+    """Pillow parses a JPEG's MPF (APP2) block while opening it, every tag into Python ints: 1,000 tags of 31,000
+    SHORTs at one offset of a 64 KB block take about 1 GB. Refused from the bytes, before opening, walking the header
+    as Pillow does (an EOI, markers without a segment, junk and fill before the block do not hide it); an honest
+    MPO still decodes (test_the_other_listed_formats_still_decode)."""
+    from beamcap.images import TAG_DATA_SLACK, tiff_tags
+
+    block = _shared_value_tags(1000, 31000, 64000)
+    assert tiff_tags(block)[0] == 1000 * 31000 * 2 > len(block) + TAG_DATA_SLACK
+    data = _jpeg_with_segment(0xE2, b"MPF\x00" + block)
+    data = data[:2] + before + data[2:]
+    with pytest.raises(ImageLoadError, match=r"refused: its MPF declares 62000000 bytes of tag values"):
+        decode_image(data, "mpf.jpg", 10**6)
+
+
+def test_a_jpegs_exif_split_over_segments_is_checked_joined():
+    """Pillow joins every Exif APP1 segment into one block (and reads it while opening): the tags in a second
+    segment, after the header in the first, are counted with it."""
+    import struct
+
+    from beamcap.images import _too_costly_to_open
+
+    block = _shared_value_tags(2000, 10000, 24100)
+    first, second = _jpeg_with_segment(0xE1, b"Exif\x00\x00" + block[:10]), b"Exif\x00\x00" + block[10:]
+    end = 2 + 4 + 6 + 10  # SOI, then the first APP1: marker, length, prefix, the TIFF header and the tag count
+    data = first[:end] + b"\xff\xe1" + struct.pack(">H", len(second) + 2) + second + first[end:]
+    reason = "its EXIF declares 40000000 bytes of tag values"
+    assert _too_costly_to_open(data).startswith(reason)  # before Image.open, which reads it (121 MB for 2,000 tags)
+    with pytest.raises(ImageLoadError, match=f"refused: {reason}"):
+        decode_image(data, "split.jpg", 10**6)
 
 
 def _gif(comment_blocks: list[bytes]) -> bytes:
@@ -1032,31 +1062,41 @@ def _gif(comment_blocks: list[bytes]) -> bytes:
     return header + b"".join(comment_blocks) + picture
 
 
-def test_a_gif_of_masses_of_comments_or_extensions_is_refused_unread():
-    """Pillow joins GIF comments by copying (5 MB of comments took a minute, quadratic) and reads extensions one by
-    one in Python: past 64 KiB of comments or 10,000 extensions before the first picture, the file is refused."""
-    from beamcap.images import MAX_GIF_COMMENT_BYTES, MAX_GIF_EXTENSIONS, _gif_preamble
+def test_a_gif_of_masses_of_comments_or_blocks_is_refused_unread():
+    """Pillow joins GIF comments by copying (5 MB of comments took a minute, quadratic) and reads extensions,
+    sub-blocks and junk one by one in Python: past 64 KiB of comments or 100,000 blocks before the first picture,
+    the file is refused. The blocks are walked as Pillow walks them: an extension whose first sub-block is empty
+    reads on to the next terminator, so a ',' there is data, not the picture."""
+    from beamcap.images import MAX_GIF_BLOCKS, MAX_GIF_COMMENT_BYTES, _gif_preamble
 
-    one_long = _gif([b"!\xfe" + (b"\xff" + b"x" * 255) * 300 + b"\x00"])  # 76,500 bytes in one comment
-    many = _gif([b"!\xfe\x01x\x00"] * (MAX_GIF_EXTENSIONS + 1))
+    long_comment = b"!\xfe" + (b"\xff" + b"x" * 255) * 300 + b"\x00"  # 76,500 bytes in one comment
     honest = _gif([b"!\xfe\x0cmade by hand\x00", b"!\xf9\x04\x00\x00\x00\x00\x00"])
-    assert _gif_preamble(honest) == (13, 2)
+    assert _gif_preamble(honest) == (13, 4)  # the comment and its end, the control block and its end
     assert decode_image(honest, "honest.gif", 10**6).size == (1, 1)
-    with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_COMMENT_BYTES} bytes of comments"):
-        decode_image(one_long, "long.gif", 10**6)
-    with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_EXTENSIONS} extension blocks"):
-        decode_image(many, "many.gif", 10**6)
-    junk = _gif([b"\x00" * (MAX_GIF_EXTENSIONS + 1)])  # Pillow skips junk bytes one at a time too
-    with pytest.raises(ImageLoadError, match="extension blocks"):
-        decode_image(junk, "junk.gif", 10**6)
+    for name, blocks in {
+        "long": [long_comment],
+        "hidden": [b"!\xf9\x00\x01,\x00", long_comment],
+        "many": [b"!\xfe\x01x\x00"] * 40_000,
+    }.items():
+        with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_COMMENT_BYTES} bytes of comments"):
+            decode_image(_gif(blocks), name, 10**6)
+    for name, blocks in {
+        "controls": [b"!\xf9\x04\x00\x00\x00\x00\x00"] * (MAX_GIF_BLOCKS // 2 + 1),
+        "sub-blocks": [b"!\x01" + b"\x01x" * MAX_GIF_BLOCKS + b"\x00"],
+        "junk": [b"\x00" * (MAX_GIF_BLOCKS + 1)],  # Pillow skips junk bytes one at a time
+    }.items():
+        with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_BLOCKS} blocks"):
+            decode_image(_gif(blocks), name, 10**6)
 
 
-def test_plain_pnm_files_that_pillow_would_decode_for_minutes_are_refused_unread():
-    """Pillow decodes plain (ASCII) PBM/PGM/PPM in Python, at about 1 MB a second, and copies its buffer once per
-    comment (1 MB of comments took 20 s): over 16 MiB or 1,000 comments they are refused; small ones decode."""
-    from beamcap.images import MAX_PLAIN_PNM_BYTES, MAX_PLAIN_PNM_COMMENTS
+def test_pnm_files_that_pillow_would_read_for_minutes_are_refused_unread():
+    """Pillow reads a PNM header a byte at a time and decodes plain (ASCII) PBM/PGM/PPM in Python, at about 1 MB a
+    second, copying its buffer once per comment (1 MB of comments took 20 s): a header over 64 KiB, a plain file
+    over 16 MiB or of over 1,000 comments is refused; honest ones decode, '#' banners and all."""
+    from beamcap.images import MAX_PLAIN_PNM_BYTES, MAX_PLAIN_PNM_COMMENTS, MAX_PNM_HEADER_BYTES
 
-    assert decode_image(b"P1\n# a comment\n2 1\n0 1\n", "ok.pbm", 10**6).size == (2, 1)
+    banners = b"P2\n" + b"#" * 60 + b"\n" + b"# made by hand #########\n" * 29 + b"2 1\n255\n0 255\n"
+    assert decode_image(banners, "banners.pgm", 10**6).size == (2, 1)
     commented = b"P1\n1 1\n" + b"#\n" * (MAX_PLAIN_PNM_COMMENTS + 1) + b"0\n"
     with pytest.raises(ImageLoadError, match=f"more than {MAX_PLAIN_PNM_COMMENTS} comments"):
         decode_image(commented, "comments.pbm", 10**6)
@@ -1064,21 +1104,28 @@ def test_plain_pnm_files_that_pillow_would_decode_for_minutes_are_refused_unread
     with pytest.raises(ImageLoadError, match=f"plain \\(ASCII\\) PNM of {len(big)} bytes, over {MAX_PLAIN_PNM_BYTES}"):
         decode_image(big, "big.pgm", 10**8)
     binary = io.BytesIO()
-    Image.new("L", (8, 4), 9).save(binary, "PPM")  # P5: decoded by C code, at any size
+    Image.new("L", (8, 4), 9).save(binary, "PPM")  # P5: its pixels are decoded in C, at any size
     assert decode_image(binary.getvalue(), "ok.pgm", 10**6).size == (8, 4)
+    long_header = b"P5\n" + b"# padding\n" * 7000 + binary.getvalue()[3:]
+    with pytest.raises(ImageLoadError, match=f"its PNM header is 70010 bytes long, over {MAX_PNM_HEADER_BYTES}"):
+        decode_image(long_header, "header.pgm", 10**6)
+    blanks = b"P6\n8" + b" " * (MAX_PNM_HEADER_BYTES + 1) + b"4\n255\n" + bytes(96)
+    with pytest.raises(ImageLoadError, match="its PNM header is"):
+        decode_image(blanks, "blanks.ppm", 10**6)
 
 
 def test_an_image_far_longer_than_wide_is_refused_and_fails_alone_on_an_upscaling_processor(tmp_path, image_dir):
     """A 1x200000 PNG of 862 bytes: GIT's CLIP processor scales its short side up to the crop size, the long one
     with it, so the one image ran out of memory alone and failed the bundle. Refused from its header instead;
-    an aspect ratio of 100:1 is still decoded."""
-    from beamcap.images import MAX_ASPECT_RATIO
+    an aspect ratio of 100:1 is still decoded, and max_aspect_ratio raises the limit (for BLIP's fixed square)."""
+    from beamcap.images import DEFAULT_MAX_ASPECT_RATIO as MAX_ASPECT_RATIO
     from beamcap.testing.models import build_git
 
     Image.new("RGB", (1, 200_000)).save(tmp_path / "thin.png")
     Image.new("RGB", (MAX_ASPECT_RATIO * 20, 20), "blue").save(tmp_path / "wide.png")
-    with pytest.raises(ImageLoadError, match=f"1x200000 pixels is an aspect ratio over {MAX_ASPECT_RATIO}:1"):
+    with pytest.raises(ImageLoadError, match="1x200000 pixels is an aspect ratio over the max_aspect_ratio limit"):
         load_image(str(tmp_path / "thin.png"))
+    assert load_image(str(tmp_path / "thin.png"), max_aspect_ratio=200_000).size == (1, 200_000)
     assert load_image(str(tmp_path / "wide.png")).size == (MAX_ASPECT_RATIO * 20, 20)
     git = build_git(str(tmp_path / "git"))
     good = [{"id": c, "text": IMG, "images": [str(image_dir / f"{c}.jpg")]} for c in COLOURS]
