@@ -44,7 +44,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -75,6 +74,11 @@ DEFAULT_MAX_ASPECT_RATIO = 100
 that scale the short side up to a fixed length (CLIP's, GIT's, LLaVA's) blow a 1x200000 picture of 862 bytes up
 to 224x44,800,000 pixels, out of memory alone, which would fail the bundle. Panoramas and long receipts stay
 well inside it; models that resize to a fixed square (BLIP) can take a higher limit."""
+MAX_JPEG_HEADER_STEPS = 10_000
+"""A JPEG whose header (up to its first scan) costs Pillow more steps than this is refused unread: each marker,
+fill or junk byte is one (Pillow reads them one by one in Python), each 3 bytes of a frame header one (it keeps a
+tuple for each), each KiB copied joining EXIF segments one (it joins them by copying). Honest headers take tens.
+The markers after the header, up to the end of the first picture, are bounded by the same number."""
 MAX_GIF_COMMENT_BYTES = 64 << 10
 """A GIF whose comments before its first picture hold more bytes than this is refused unread: Pillow joins
 comment blocks by copying, in quadratic time (5 MB of comments took a minute). Honest comments are a line."""
@@ -85,9 +89,10 @@ MAX_PNM_HEADER_BYTES = 64 << 10
 """A PBM, PGM or PPM file whose header (its size and maximum value, with the comments and blanks among them) is
 longer than this is refused unread: Pillow reads it a byte at a time in Python (8 MiB took 4 s). Honest headers
 are tens of bytes."""
-MAX_PLAIN_PNM_BYTES = 16 << 20
-"""A plain (ASCII) PBM, PGM or PPM file larger than this is refused unread: Pillow decodes those in Python, at
-about 1 MB a second (a 256 MB file would take minutes). Binary PNM files (P4-P6) are decoded in C at any size."""
+MAX_SLOW_PNM_BYTES = 16 << 20
+"""A PNM file that Pillow decodes in Python (plain, ASCII PBM/PGM/PPM, and binary ones of a maximum value other
+than 255, or 65535 for PGM) larger than this is refused unread: about 1 MB a second, so a 256 MB file would take
+minutes. Other binary PNM files are decoded in C at any size."""
 MAX_PLAIN_PNM_COMMENTS = 1_000
 """A plain PNM file with more comments than this is refused unread: Pillow copies its read buffer once for each
 comment (half a million comments in 1 MB took 20 s)."""
@@ -457,9 +462,11 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 def _jpeg_scans(data: bytes, limit: int) -> int:
     """How many scans (SOS markers) the first image of a JPEG holds, walking its marker segments (metadata is skipped
     by length; in entropy-coded data a 0xFF is always stuffed or a restart). Counting stops at the first EOI (the
-    scans of an MPO's other frames, or of anything appended, are not decoded with the first) or past ``limit``."""
-    scans, at = 0, 2
-    while (found := _JPEG_MARKER.search(data, at)) is not None:
+    scans of an MPO's other frames, or of anything appended, are not decoded with the first) or past ``limit``;
+    -1 past :data:`MAX_JPEG_HEADER_STEPS` markers."""
+    scans, at, markers = 0, 2, 0
+    while (found := _JPEG_MARKER.search(data, at)) is not None and markers <= MAX_JPEG_HEADER_STEPS:
+        markers += 1
         start, marker = found.start(), data[found.start() + 1]
         if marker == 0xD9:  # EOI
             break
@@ -471,7 +478,7 @@ def _jpeg_scans(data: bytes, limit: int) -> int:
             if scans > limit:
                 break
         at = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
-    return scans
+    return scans if markers <= MAX_JPEG_HEADER_STEPS else -1
 
 
 @functools.cache
@@ -483,14 +490,20 @@ def _jpeg_markers() -> tuple[frozenset[int], frozenset[int]]:
     return with_segment, frozenset(m & 0xFF for m in MARKER) - with_segment
 
 
-def _jpeg_tiff_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """The TIFF structures Pillow holds after opening a JPEG, walking its header as Pillow does (junk bytes and
-    fill skipped, markers without a segment passed, an EOI too, up to the first SOS or a marker it does not know):
-    the EXIF of all its ``Exif`` APP1 segments joined, and the MPF of its last ``MPF`` APP2 segment."""
+def _jpeg_header(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
+    """Walk a JPEG's header as Pillow's ``_open`` does (junk and fill bytes skipped, markers without a segment
+    passed, an EOI too, up to the first SOS or a marker it does not know), stopping past
+    :data:`MAX_JPEG_HEADER_STEPS`: the TIFF structures Pillow holds after opening it (the EXIF of all its ``Exif``
+    APP1 segments joined, the MPF of its last ``MPF`` APP2 segment), and the steps it took."""
     with_segment, alone = _jpeg_markers()
-    exif, mpf, at = [], None, 2
-    while (at := data.find(b"\xff", at)) != -1 and at + 1 < len(data):
-        marker = data[at + 1]
+    exif, exif_bytes, mpf, at, steps = [], 0, None, 2, 0
+    while steps <= MAX_JPEG_HEADER_STEPS and at + 1 < len(data):
+        found = data.find(b"\xff", at)
+        if found == -1:
+            steps += len(data) - at
+            break
+        steps += found - at + 1  # junk, then this marker or fill byte
+        at, marker = found, data[found + 1]
         if marker == 0xFF:  # fill
             at += 1
         elif marker == 0x00 or marker in alone:
@@ -501,16 +514,18 @@ def _jpeg_tiff_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
             at += 4 + max(0, length - 2)
             if marker == 0xDA:  # Pillow's header ends at the first scan
                 break
-            if marker == 0xE1 and payload.startswith(b"Exif\0\0"):
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header: a tuple per component
+                steps += len(payload) // 3
+            elif marker == 0xE1 and payload.startswith(b"Exif\0\0"):
                 exif.append(payload[6:])
+                exif_bytes += len(payload)
+                steps += exif_bytes >> 10 if len(exif) > 1 else 0  # the joined block, copied again
             elif marker == 0xE2 and payload.startswith(b"MPF\0"):
                 mpf = payload[4:]
         else:  # Pillow stops: "no marker found"
             break
-    if exif:
-        yield "EXIF", b"".join(exif)
-    if mpf is not None:
-        yield "MPF", mpf
+    blocks = ([("EXIF", b"".join(exif))] if exif else []) + ([("MPF", mpf)] if mpf is not None else [])
+    return blocks, steps
 
 
 _GIF_BLOCK = re.compile(rb"[\x21\x2c\x3b]")  # an extension, a picture, the trailer
@@ -537,6 +552,7 @@ def _gif_preamble(data: bytes) -> tuple[int, int]:
     while at < len(data) and blocks <= MAX_GIF_BLOCKS:
         found = _GIF_BLOCK.search(data, at)
         if found is None:
+            blocks += len(data) - at  # junk to the end, a byte at a time
             break
         blocks += found.start() - at  # junk, skipped a byte at a time
         if data[found.start()] != 0x21:
@@ -556,17 +572,35 @@ def _gif_preamble(data: bytes) -> tuple[int, int]:
     return comments, blocks
 
 
+_PNM_MAGIC = re.compile(rb"[^ \t\n\v\f\r]{0,6}")
 _PNM_BLANKS = re.compile(rb"(?:[ \t\n\v\f\r]|#[^\r\n]*)*")
 _PNM_TOKEN = re.compile(rb"(?:[^ \t\n\v\f\r#]|#[^\r\n]*[\r\n]?)*")  # a comment inside a token is dropped
-_PNM_COMMENT = re.compile(rb"#[^\r\n]*")
+_PNM_COMMENT = re.compile(rb"#[^\r\n]*[\r\n]?")
 
 
-def _pnm_header_bytes(data: bytes) -> int:
-    """How many bytes Pillow reads, one at a time, for a PNM file's header: its size (and maximum value)."""
-    at = 2
-    for _ in range(2 if data[1:2] in (b"1", b"4") else 3):
-        at = _PNM_TOKEN.match(data, _PNM_BLANKS.match(data, at).end()).end()
-    return at
+def _pnm_header(data: bytes) -> tuple[int, bytes, list[bytes]]:
+    """(length, magic, tokens) of a PNM file's header as Pillow reads it, a byte at a time: its magic, size and
+    maximum value (or scale). Only the first :data:`MAX_PNM_HEADER_BYTES` + 1 bytes are looked at: a length past
+    that means the header is longer."""
+    head = data[: MAX_PNM_HEADER_BYTES + 1]
+    magic = _PNM_MAGIC.match(head).group()
+    at, tokens = len(magic), []
+    for _ in range(2 if magic in (b"P1", b"P4") else 3):
+        start = _PNM_BLANKS.match(head, at).end()
+        at = _PNM_TOKEN.match(head, start).end()
+        tokens.append(_PNM_COMMENT.sub(b"", head[start:at]))
+    return at, magic, tokens
+
+
+def _pnm_decoded_in_python(magic: bytes, tokens: list[bytes]) -> bool:
+    """Whether Pillow decodes this PNM file's pixels in Python: plain files, and binary ones whose maximum value
+    is not 255 (nor 65535 for PGM)."""
+    if magic in (b"P1", b"P2", b"P3"):
+        return True
+    if magic not in (b"P5", b"P6") or len(tokens) < 3 or not tokens[2].isdigit():
+        return False
+    maxval = int(tokens[2])
+    return maxval != 255 and not (maxval == 65535 and magic == b"P5")
 
 
 _TIFF_TYPE_BYTES = {
@@ -652,7 +686,10 @@ def _too_costly_to_open(data: bytes) -> str | None:
     """Why opening ``data`` (reading its header, before its size is known) would cost far more than its size says,
     or None. Format by format, from the bytes alone, walked as Pillow walks them."""
     if data.startswith(b"\xff\xd8"):
-        for what, block in _jpeg_tiff_blocks(data):
+        blocks, steps = _jpeg_header(data)
+        if steps > MAX_JPEG_HEADER_STEPS:
+            return f"the JPEG header takes more than {MAX_JPEG_HEADER_STEPS} steps to read (markers, junk, frame data)"
+        for what, block in blocks:
             too_much = _too_much_tag_data(tiff_tags(block), len(block), what)
             if too_much:
                 return too_much
@@ -663,15 +700,15 @@ def _too_costly_to_open(data: bytes) -> str | None:
         if blocks > MAX_GIF_BLOCKS:
             return f"the GIF holds more than {MAX_GIF_BLOCKS} blocks (extensions, sub-blocks) before its first picture"
     elif len(data) >= 2 and data[:1] == b"P" and data[1] in b"0123456fy":  # Pillow's PNM family
-        header = _pnm_header_bytes(data)
+        header, magic, tokens = _pnm_header(data)
         if header > MAX_PNM_HEADER_BYTES:
-            return f"its PNM header is {header} bytes long, over {MAX_PNM_HEADER_BYTES} (read a byte at a time)"
-        if data[1:2] in (b"1", b"2", b"3"):
-            if len(data) > MAX_PLAIN_PNM_BYTES:
-                return (
-                    f"the file is plain (ASCII) PNM of {len(data)} bytes, over {MAX_PLAIN_PNM_BYTES} (decoded in "
-                    "Python, slowly; binary PNM is decoded at any size)"
-                )
+            return f"its PNM header is over {MAX_PNM_HEADER_BYTES} bytes long (read a byte at a time)"
+        if _pnm_decoded_in_python(magic, tokens) and len(data) > MAX_SLOW_PNM_BYTES:
+            return (
+                f"the file is PNM that Pillow decodes in Python (plain, or of maximum value {tokens[-1][:8]!r}), "
+                f"of {len(data)} bytes, over {MAX_SLOW_PNM_BYTES}"
+            )
+        if magic in (b"P1", b"P2", b"P3"):
             comments = itertools.islice(_PNM_COMMENT.finditer(data, header), MAX_PLAIN_PNM_COMMENTS + 1)
             if sum(1 for _ in comments) > MAX_PLAIN_PNM_COMMENTS:
                 return f"the plain PNM file holds more than {MAX_PLAIN_PNM_COMMENTS} comments"
@@ -683,6 +720,8 @@ def _too_costly(image: Image.Image, data: bytes, max_pixels: int, tile_tags: dic
     ``tile_tags``: the largest TileWidth and TileLength the file gives (from :func:`tiff_tags`)."""
     if image.format in ("JPEG", "MPO"):
         scans = _jpeg_scans(data, MAX_JPEG_SCANS)
+        if scans < 0:
+            return f"the JPEG has more than {MAX_JPEG_HEADER_STEPS} markers in its first picture"
         if scans > MAX_JPEG_SCANS:
             return f"the JPEG has more than {MAX_JPEG_SCANS} scans (each is decoded over the whole picture)"
     elif image.format == "TIFF":

@@ -307,6 +307,10 @@ MAX_DECODER_MEMORY = 128 << 20
 
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
+MAX_XZ_STREAMS = 10_000
+"""An .xz input of more streams than this is refused past them: each empty stream (32 bytes) costs a new decoder
+and gives nothing for the inflation bound to count, so 256 MB of them would hold a worker for minutes. Parallel
+compressors write one stream per block of megabytes."""
 
 
 class _LzmaReader(_StreamReader):
@@ -319,28 +323,38 @@ class _LzmaReader(_StreamReader):
 
         self._raw = raw
         self._new = lambda: lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=MAX_DECODER_MEMORY)
-        self._stream, self._started, self._xz = self._new(), False, False
+        self._stream, self._started, self._xz, self._streams = self._new(), False, False, 0
 
     def read(self, size: int = -1) -> bytes:
         import lzma
 
         size = size if size and size > 0 else _BLOCK
         while True:
-            if self._stream.eof or not self._started:  # a stream starts here, if any
-                data = (self._stream.unused_data if self._started else b"").lstrip(b"\0")
-                while not data:
+            if not self._started:  # the first stream (a .lzma file's first byte may be 0: nothing is stripped)
+                data = self._raw.read(_BLOCK)
+                if not data:
+                    return b""
+                self._xz, self._started = data.startswith(XZ_MAGIC), True
+                self._stream, self._streams = self._new(), 1
+            elif self._stream.eof:  # what follows: xz's zero padding, then another xz stream by its magic bytes
+                data = self._stream.unused_data.lstrip(b"\0") if self._xz else self._stream.unused_data
+                while self._xz and not data and (more := self._raw.read(_BLOCK)):
+                    data = more.lstrip(b"\0")
+                if not self._xz and not data:
                     data = self._raw.read(_BLOCK)
-                    if not data:
-                        return b""
-                    data = data.lstrip(b"\0")
-                if not self._started:
-                    self._xz = data.startswith(XZ_MAGIC)
-                elif self._xz:  # what follows an xz stream is another, by its magic bytes, or not a stream at all
-                    while len(data) < len(XZ_MAGIC) and (more := self._raw.read(_BLOCK)):
-                        data += more
-                    if not data.startswith(XZ_MAGIC):
-                        raise lzma.LZMAError(f"bytes after the last xz stream are not a stream: {data[:16]!r}")
-                self._stream, self._started = self._new(), True
+                if not data:
+                    return b""
+                while len(data) < len(XZ_MAGIC) and (more := self._raw.read(_BLOCK)):
+                    data += more
+                if not self._xz or not data.startswith(XZ_MAGIC):
+                    if self._xz and XZ_MAGIC.startswith(data):
+                        raise EOFError("the compressed file ended inside the header of its next stream")
+                    kind = "xz" if self._xz else ".lzma"
+                    raise lzma.LZMAError(f"bytes after the last {kind} stream are not a stream: {data[:16]!r}")
+                self._streams += 1
+                if self._streams > MAX_XZ_STREAMS:
+                    raise lzma.LZMAError(f"the file holds more than {MAX_XZ_STREAMS} xz streams")
+                self._stream = self._new()
             elif self._stream.needs_input:
                 data = self._raw.read(_BLOCK)
                 if not data:

@@ -833,9 +833,10 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
     import lzma
     import struct
 
-    from pipelines.caption import numbered_lines
+    from pipelines.caption import MAX_XZ_STREAMS, XZ_MAGIC, numbered_lines
 
     second = lzma.compress(b'{"id": 2}\n' * 50)  # a real second stream, corrupt past its header: its own error
+    zero_props = [{"id": lzma.FILTER_LZMA1, "lc": 0, "lp": 0, "pb": 0}]  # a .lzma file whose first byte is 0
     claim = bytearray(lzma.compress(b'{"id": 1}\n', format=lzma.FORMAT_ALONE))
     claim[1:5] = struct.pack("<I", 1 << 30)  # the dictionary size in the header: the stream stays valid
     cases = {
@@ -845,6 +846,11 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
         "junk.jsonl.xz": b"not a stream at all",
         "newline.jsonl.xz": lzma.compress(b'{"id": 1}\n') + b"\n",  # not a cut: a stray byte after the end
         "corrupt.jsonl.xz": lzma.compress(b'{"id": 1}\n') + second[:20] + b"\x55" * 8 + second[28:],
+        "zero-props.jsonl.lzma": lzma.compress(b'{"id": 1}\n', format=lzma.FORMAT_ALONE, filters=zero_props),
+        "zeros.jsonl.xz": bytes(64),
+        "cut-magic.jsonl.xz": lzma.compress(b'{"id": 1}\n') + XZ_MAGIC[:3],
+        "alone-tail.jsonl.lzma": lzma.compress(b'{"id": 1}\n', format=lzma.FORMAT_ALONE) + b"junk",
+        "many.jsonl.xz": lzma.compress(b'{"id": 1}\n') + lzma.compress(b"") * MAX_XZ_STREAMS,
     }
     read = {}
     for name, data in cases.items():
@@ -865,6 +871,23 @@ def test_an_xz_or_lzma_input_cannot_ask_for_gigabytes_and_its_streams_are_read_w
             (2, b"cannot read on: LZMAError: bytes after the last xz stream are not a stream: b'\\n'"),
         ],
         "corrupt.jsonl.xz": [(1, 9), (2, b"cannot read on: LZMAError: Corrupt input data")],
+        "zero-props.jsonl.lzma": [(1, 9)],
+        "zeros.jsonl.xz": [  # 13 zero bytes are an empty .lzma stream (no properties, a size of 0)
+            (
+                1,
+                b"cannot read on: LZMAError: bytes after the last .lzma stream are not a stream: "
+                + repr(bytes(16)).encode(),
+            )
+        ],
+        "cut-magic.jsonl.xz": [
+            (1, 9),
+            (2, b"cannot read on: EOFError: the compressed file ended inside the header of its next stream"),
+        ],
+        "alone-tail.jsonl.lzma": [
+            (1, 9),
+            (2, b"cannot read on: LZMAError: bytes after the last .lzma stream are not a stream: b'junk'"),
+        ],
+        "many.jsonl.xz": [(1, 9), (2, b"cannot read on: LZMAError: the file holds more than 10000 xz streams")],
     }
 
 
@@ -1053,6 +1076,39 @@ def test_a_jpegs_exif_split_over_segments_is_checked_joined():
         decode_image(data, "split.jpg", 10**6)
 
 
+def _segment(marker: int, payload: bytes) -> bytes:
+    import struct
+
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        _segment(0xE1, b"Exif\x00\x00" + b"A" * 10) * 5_000,  # Pillow joins them by copying: quadratic
+        _segment(0xC0, bytes(60_000)),  # a tuple for every 3 bytes of a frame header
+        _segment(0xE0, b"") * 10_001,  # Pillow lists every segment
+        b"\xff" * 10_001,  # fill, a byte at a time
+        b"\x00" * 10_001,  # junk, a byte at a time
+    ],
+    ids=["exif-segments", "frame-header", "segments", "fill", "junk"],
+)
+def test_a_jpeg_header_that_pillow_would_read_for_minutes_is_refused_unread(flood):
+    """Pillow reads a JPEG's header (to its first scan) marker by marker in Python, keeps what each holds and joins
+    EXIF segments by copying (8 MB of small EXIF segments took 32 s, 15 MB of frame headers 610 MB): past 10,000
+    steps the file is refused before opening. The markers after the header are bounded the same way."""
+    from beamcap.images import MAX_JPEG_HEADER_STEPS
+
+    picture = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(picture, "JPEG")
+    jpeg = picture.getvalue()
+    with pytest.raises(ImageLoadError, match=f"the JPEG header takes more than {MAX_JPEG_HEADER_STEPS} steps"):
+        decode_image(jpeg[:2] + flood + jpeg[2:], "flood.jpg", 10**6)
+    after = jpeg[:-2] + b"\xff\x01" * (MAX_JPEG_HEADER_STEPS + 1) + jpeg[-2:]  # markers after the header
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_JPEG_HEADER_STEPS} markers in its first picture"):
+        decode_image(after, "markers.jpg", 10**6)
+
+
 def _gif(comment_blocks: list[bytes]) -> bytes:
     """A 1x1 GIF with these extension blocks (label and sub-blocks) before its picture."""
     import struct
@@ -1087,31 +1143,43 @@ def test_a_gif_of_masses_of_comments_or_blocks_is_refused_unread():
     }.items():
         with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_BLOCKS} blocks"):
             decode_image(_gif(blocks), name, 10**6)
+    no_picture = _gif([])[:13] + b"\x00" * (MAX_GIF_BLOCKS + 1)  # junk to the end, no picture at all
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_GIF_BLOCKS} blocks"):
+        decode_image(no_picture, "no-picture.gif", 10**6)
 
 
 def test_pnm_files_that_pillow_would_read_for_minutes_are_refused_unread():
     """Pillow reads a PNM header a byte at a time and decodes plain (ASCII) PBM/PGM/PPM in Python, at about 1 MB a
-    second, copying its buffer once per comment (1 MB of comments took 20 s): a header over 64 KiB, a plain file
-    over 16 MiB or of over 1,000 comments is refused; honest ones decode, '#' banners and all."""
-    from beamcap.images import MAX_PLAIN_PNM_BYTES, MAX_PLAIN_PNM_COMMENTS, MAX_PNM_HEADER_BYTES
+    second, copying its buffer once per comment (1 MB of comments took 20 s): a header over 64 KiB, a file
+    decoded in Python (plain, or binary of a maximum value other than 255) over 16 MiB, a plain file of over 1,000
+    comments is refused; honest ones decode, '#' banners and all."""
+    from beamcap.images import MAX_PLAIN_PNM_COMMENTS, MAX_PNM_HEADER_BYTES, MAX_SLOW_PNM_BYTES
 
     banners = b"P2\n" + b"#" * 60 + b"\n" + b"# made by hand #########\n" * 29 + b"2 1\n255\n0 255\n"
     assert decode_image(banners, "banners.pgm", 10**6).size == (2, 1)
     commented = b"P1\n1 1\n" + b"#\n" * (MAX_PLAIN_PNM_COMMENTS + 1) + b"0\n"
     with pytest.raises(ImageLoadError, match=f"more than {MAX_PLAIN_PNM_COMMENTS} comments"):
         decode_image(commented, "comments.pbm", 10**6)
-    big = b"P2\n2048 4096\n255\n" + b"0 " * (MAX_PLAIN_PNM_BYTES // 2)
-    with pytest.raises(ImageLoadError, match=f"plain \\(ASCII\\) PNM of {len(big)} bytes, over {MAX_PLAIN_PNM_BYTES}"):
+    big = b"P2\n2048 4096\n255\n" + b"0 " * (MAX_SLOW_PNM_BYTES // 2)
+    with pytest.raises(ImageLoadError, match=f"decodes in Python .* of {len(big)} bytes, over {MAX_SLOW_PNM_BYTES}"):
         decode_image(big, "big.pgm", 10**8)
+    odd_maxval = b"P5\n4096 4097\n254\n" + bytes(4096 * 4097)  # binary, but not 255: Pillow's Python decoder
+    with pytest.raises(ImageLoadError, match="maximum value b'254'"):
+        decode_image(odd_maxval, "254.pgm", 10**8)
+    deep = b"P5\n4096 4097\n65535\n" + bytes(2 * 4096 * 4097)  # 16-bit PGM: decoded in C
+    assert decode_image(deep, "deep.pgm", 10**8).size == (4096, 4097)
     binary = io.BytesIO()
     Image.new("L", (8, 4), 9).save(binary, "PPM")  # P5: its pixels are decoded in C, at any size
     assert decode_image(binary.getvalue(), "ok.pgm", 10**6).size == (8, 4)
     long_header = b"P5\n" + b"# padding\n" * 7000 + binary.getvalue()[3:]
-    with pytest.raises(ImageLoadError, match=f"its PNM header is 70010 bytes long, over {MAX_PNM_HEADER_BYTES}"):
+    with pytest.raises(ImageLoadError, match=f"its PNM header is over {MAX_PNM_HEADER_BYTES} bytes long"):
         decode_image(long_header, "header.pgm", 10**6)
-    blanks = b"P6\n8" + b" " * (MAX_PNM_HEADER_BYTES + 1) + b"4\n255\n" + bytes(96)
-    with pytest.raises(ImageLoadError, match="its PNM header is"):
-        decode_image(blanks, "blanks.ppm", 10**6)
+    for name, header in {
+        "blanks": b"P6\n8" + b" " * 16_000_000 + b"4\n255\n",  # looked at only up to the limit (regexes keep state)
+        "cmyk": b"P0CMYK 1 1\n#" + b"x" * (MAX_PNM_HEADER_BYTES + 1) + b"\n255\n",  # a six-byte magic
+    }.items():
+        with pytest.raises(ImageLoadError, match="its PNM header is over"):
+            decode_image(header + bytes(96), name, 10**6)
 
 
 def test_an_image_far_longer_than_wide_is_refused_and_fails_alone_on_an_upscaling_processor(tmp_path, image_dir):
