@@ -148,7 +148,7 @@ def odd_config(blip_dir, image_dir):
     Image.new("LA", (9, 9), (100, 50)).save(image_dir / "la.png")
     Image.new("I;16", (9, 9), 30000).save(image_dir / "i16.png")
     Image.new("RGB", (1, 1)).save(image_dir / "tiny.png")
-    Image.new("RGB", (10000, 10)).save(image_dir / "wide.png")
+    Image.new("RGB", (1000, 10)).save(image_dir / "wide.png")
     frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
     frames[0].save(image_dir / "anim.gif", save_all=True, append_images=frames[1:])
     return dict(prompt="a photo of", prompt_key="p", image_root=str(image_dir), **GREEDY)
