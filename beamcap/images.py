@@ -20,8 +20,9 @@ Reads are bounded by construction, whatever the reference points at:
 - images declaring more than ``max_pixels`` pixels, or an aspect ratio over
   :data:`DEFAULT_MAX_ASPECT_RATIO` (``max_aspect_ratio``), are refused from their header, before any pixel is
   decoded; so are files whose header alone would cost far more to read than
-  their size (a JPEG's EXIF or MPF tags sharing one value, a GIF of masses of
-  comments or blocks, a PNM header of masses of comments, a large plain PNM);
+  their size (a JPEG's EXIF or MPF tags sharing one value or a header of masses
+  of markers, a GIF of masses of comments or blocks, a long PNM header, a large
+  PNM that Pillow decodes in Python);
 - only the raster formats in :data:`IMAGE_FORMATS` are decoded: formats whose
   decoders run other programs (EPS runs Ghostscript) or decode pixels before
   their size can be checked (ICO, ICNS) are refused by name.
@@ -755,10 +756,10 @@ def decode_image(
     or a multi-page file are never touched. A JPEG of more than
     :data:`MAX_JPEG_SCANS` scans, a TIFF whose tiles dwarf the picture
     (:data:`MAX_TILE_OVERHANG`), a TIFF, EXIF or MPF block whose tags declare
-    more bytes than it holds (:data:`TAG_DATA_SLACK`), a GIF with masses of
-    comments or extensions before its first picture, and large or
-    comment-ridden plain PNM files are refused before decoding too: their cost
-    is not bounded by their size. So is an image more than
+    more bytes than it holds (:data:`TAG_DATA_SLACK`), and the JPEG, GIF and PNM
+    headers that :func:`_too_costly_to_open` finds Pillow would spend minutes
+    or gigabytes on are refused before decoding too: their cost is not bounded
+    by their size. So is an image more than
     ``max_aspect_ratio`` times longer than wide (or wider than long).
 
     Any error from the decoder (corrupt files raise many kinds) becomes an
@@ -794,7 +795,7 @@ def decode_image(
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
         exif = image.info.get("exif")
-        if isinstance(exif, bytes):
+        if isinstance(exif, bytes) and not data.startswith(b"\xff\xd8"):  # a JPEG's was checked before opening
             exif = exif.removeprefix(b"Exif\x00\x00")
             too_much = _too_much_tag_data(tiff_tags(exif), len(exif), "EXIF")
             if too_much:
