@@ -337,11 +337,11 @@ class _LzmaReader(_StreamReader):
                 self._xz, self._started = data.startswith(XZ_MAGIC), True
                 self._stream, self._streams = self._new(), 1
             elif self._stream.eof:  # what follows: xz's zero padding, then another xz stream by its magic bytes
-                data = self._stream.unused_data.lstrip(b"\0") if self._xz else self._stream.unused_data
-                while self._xz and not data and (more := self._raw.read(_BLOCK)):
-                    data = more.lstrip(b"\0")
-                if not self._xz and not data:
-                    data = self._raw.read(_BLOCK)
+                data = self._stream.unused_data or self._raw.read(_BLOCK)
+                if self._xz:
+                    data = data.lstrip(b"\0")
+                    while not data and (more := self._raw.read(_BLOCK)):
+                        data = more.lstrip(b"\0")
                 if not data:
                     return b""
                 while len(data) < len(XZ_MAGIC) and (more := self._raw.read(_BLOCK)):
