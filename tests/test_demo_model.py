@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -176,7 +177,7 @@ def test_the_moving_average_is_what_is_saved(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--ema", "1.0"], ["--train_share", "1.5"], ["--train_share", "0.2"], ["--steps", "0"]],
+    [["--ema", "1.0"], ["--train_share", "1.5"], ["--train_share", "0.2"], ["--steps", "0"], ["--image_size", "100"]],
 )
 def test_training_refuses_bad_settings(tmp_path, flags, capsys):
     from beamcap.demo import train
@@ -190,7 +191,9 @@ def test_training_refuses_bad_settings(tmp_path, flags, capsys):
 @pytest.mark.slow
 def test_training_script_smoke(tmp_path):
     """The shipped recipe's kinds of stage, a few steps each: from scratch, then from a model on 'varied' pictures
-    with a moving average; each result loads through beamcap's loading path and captions."""
+    with a moving average and a larger input (position embeddings interpolated); each result loads through
+    beamcap's loading path and captions."""
+
     from beamcap.config import CaptionConfig
     from beamcap.demo import train
     from beamcap.model import load_captioner
@@ -199,8 +202,12 @@ def test_training_script_smoke(tmp_path):
     train.main(["--out", first, "--steps", "6", "--batch_size", "4"])
     train.main(
         ["--init", first, "--out", second, "--style", "varied", "--train_share", "0.2", "--ema", "0.9"]
-        + ["--steps", "3", "--batch_size", "4"]
+        + ["--steps", "3", "--batch_size", "4", "--image_size", "104"]
     )
+    with open(os.path.join(second, "config.json")) as f:
+        assert json.load(f)["vision_config"]["image_size"] == 104
+    with open(os.path.join(second, "processor_config.json")) as f:
+        assert json.load(f)["image_processor"]["size"] == {"height": 104, "width": 104}
     image = draw_scene(Scene("red", "circle", 1), random.Random(0), "varied")
     settings = {"max_new_tokens": 3, "do_sample": True, "num_return_sequences": 2}
     for folder in (first, second):

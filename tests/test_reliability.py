@@ -189,7 +189,7 @@ def test_every_odd_input_through_the_transform_at_once(blip_dir, image_dir, odd_
 @pytest.mark.parametrize("mode", ["random_any", "similar_one_simhash", "all"])
 @pytest.mark.slow
 def test_seeded_sampling_is_independent_of_batching_and_reruns(blip_dir, image_dir, mode):
-    samples = good_samples(image_dir) * 3 + [
+    samples = good_samples(image_dir) * 2 + [
         {"id": "g4", "text": f"{IMG} x", "images": [str(image_dir / "yellow.jpg")]}
     ]
     config = dict(caption_num=3, keep_candidate_mode=mode, do_sample=True, seed=1234, max_new_tokens=6)

@@ -47,24 +47,25 @@ def job_args(data: str, model: str, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_multi_processing_direct_runner_matches_in_memory(tmp_path, blip_dir, image_dir):
+def test_multi_processing_direct_runner_matches_in_memory_per_process_and_with_one_large_model(
+    tmp_path, blip_dir, image_dir, capsys
+):
+    """DirectRunner's multi_processing mode (2 worker processes) writes what in_memory writes, with a model per
+    process and with one model for the machine (--large_model: one load in all)."""
     data = write_dataset(tmp_path / "d.jsonl", image_dir, 12, bad=True)
-    common = job_args(data, blip_dir, "--caption_num", "2", "--keep_candidate_mode", "all")
-    run([*common, "--output", str(tmp_path / "mem"), "--failed_output", str(tmp_path / "memf")])
-    run(
-        [
-            *common,
-            "--output",
-            str(tmp_path / "mp"),
-            "--failed_output",
-            str(tmp_path / "mpf"),
-            "--direct_running_mode=multi_processing",
-            "--direct_num_workers=2",
-        ]
-    )
+    common = job_args(data, blip_dir, "--caption_num", "2", "--keep_candidate_mode", "all", "--gpu_batch_size", "2")
+    processes = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    runs = {"mem": [], "mp": processes, "shared": [*processes, "--large_model", "true"]}
+    summaries = {}
+    for name, extra in runs.items():
+        run([*common, "--output", str(tmp_path / name), "--failed_output", str(tmp_path / f"{name}f"), *extra])
+        summaries[name] = json.loads(capsys.readouterr().out.split("beamcap summary:")[1].strip().splitlines()[0])
     assert len(_rows(str(tmp_path / "mem"))) == 36
-    assert _rows(str(tmp_path / "mp")) == _rows(str(tmp_path / "mem"))
-    assert _rows(str(tmp_path / "mpf")) == _rows(str(tmp_path / "memf")) and len(_rows(str(tmp_path / "mpf"))) == 1
+    assert len(_rows(str(tmp_path / "memf"))) == 1
+    for name in ("mp", "shared"):
+        assert _rows(str(tmp_path / name)) == _rows(str(tmp_path / "mem")), name
+        assert _rows(str(tmp_path / f"{name}f")) == _rows(str(tmp_path / "memf")), name
+    assert summaries["shared"]["model_loads"] == 1
 
 
 def _free_port() -> int:
@@ -178,21 +179,6 @@ def test_relative_paths_are_resolved_on_the_launcher(tmp_path, blip_dir, image_d
     (failure,) = _rows(str(launcher / "out" / "failed"))
     assert f"file not found ({launcher}/data/imgs/missing.jpg)" in failure["error"]
     assert not glob.glob(f"{workers}/**/*captioned*", recursive=True)  # nothing written in the workers' folder
-
-
-@pytest.mark.slow
-def test_large_model_loads_once_across_worker_processes(tmp_path, blip_dir, image_dir, capsys):
-    data = write_dataset(tmp_path / "d.jsonl", image_dir, 16, bad=False)
-    common = job_args(
-        data, blip_dir, "--gpu_batch_size", "2", "--direct_running_mode=multi_processing", "--direct_num_workers=2"
-    )
-    run([*common, "--output", str(tmp_path / "per_process")])
-    capsys.readouterr()
-    run([*common, "--output", str(tmp_path / "shared"), "--large_model", "true"])
-    summary = json.loads(capsys.readouterr().out.split("beamcap summary:")[1].strip().splitlines()[0])
-    assert summary["model_loads"] == 1
-    assert _rows(str(tmp_path / "shared")) == _rows(str(tmp_path / "per_process"))
-    assert len(_rows(str(tmp_path / "shared"))) == 32
 
 
 def test_large_model_in_memory(blip_dir, image_dir):

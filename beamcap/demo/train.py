@@ -50,14 +50,32 @@ IMAGE_SIZE = 96
 PATCH_SIZE = 8  # 144 patches of 8x8 at 96x96
 
 
-def build_processor() -> BlipProcessor:
+def build_processor(image_size: int = IMAGE_SIZE) -> BlipProcessor:
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(special + vocabulary())})
-    image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     return BlipProcessor(image_processor, tokenizer)
 
 
-def build_model(processor: BlipProcessor) -> BlipForConditionalGeneration:
+def resize_input(model: BlipForConditionalGeneration, image_size: int) -> None:
+    """Make ``model`` see ``image_size`` pixels square: its patch position embeddings are interpolated (bicubic)."""
+    vision = model.config.vision_config
+    if image_size % vision.patch_size:
+        raise ValueError(f"--image_size must be a multiple of the patch size, {vision.patch_size}")
+    if image_size == vision.image_size:
+        return
+    embeddings = model.vision_model.embeddings
+    grid = image_size // vision.patch_size
+    with torch.no_grad():
+        dummy = torch.zeros(1, grid * grid + 1, vision.hidden_size)
+        resized = embeddings.interpolate_pos_encoding(dummy, image_size, image_size)
+    embeddings.position_embedding = torch.nn.Parameter(resized.detach().clone())
+    embeddings.num_patches, embeddings.num_positions = grid * grid, grid * grid + 1
+    embeddings.image_size = vision.image_size = image_size
+    _LOGGER.info("Input resized to %dx%d (%d patches)", image_size, image_size, grid * grid)
+
+
+def build_model(processor: BlipProcessor, image_size: int = IMAGE_SIZE) -> BlipForConditionalGeneration:
     tok = processor.tokenizer
     config = BlipConfig(
         vision_config=dict(
@@ -65,7 +83,7 @@ def build_model(processor: BlipProcessor) -> BlipForConditionalGeneration:
             intermediate_size=256,
             num_hidden_layers=4,
             num_attention_heads=4,
-            image_size=IMAGE_SIZE,
+            image_size=image_size,
             patch_size=PATCH_SIZE,
         ),
         text_config=dict(
@@ -117,23 +135,29 @@ def train(
     train_share: float = 0.0,
     ema: float = 0.0,
     save_every: int = 0,
+    image_size: int | None = None,
 ) -> None:
     """Train ``steps`` steps from scratch, or from the model in ``init``, and save to ``out``.
 
     With ``ema`` (a decay such as 0.999), what is saved is the exponential moving average of the weights.
     With ``save_every``, the model is also saved to ``out`` every that many steps (each save replaces the last),
     so that a long run can be evaluated, or stopped, part way.
+    With ``image_size``, the model sees pictures of that many pixels square (default: ``init``'s size, or
+    ``IMAGE_SIZE`` from scratch); a model from ``init`` of another size has its position embeddings interpolated.
     """
     random.seed(seed)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    processor = build_processor()
     if init:
         model = BlipForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        image_size = image_size or model.config.vision_config.image_size
+        resize_input(model, image_size)
+        processor = build_processor(image_size)
         if model.config.text_config.vocab_size != len(processor.tokenizer):
             raise ValueError(f"{init} has a vocabulary of {model.config.text_config.vocab_size} words, not the demo's")
     else:
-        model = build_model(processor)
+        processor = build_processor(image_size or IMAGE_SIZE)
+        model = build_model(processor, image_size or IMAGE_SIZE)
     model.train()
     averaged = None
     if ema:
@@ -186,10 +210,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_every", type=int, default=0, help="also save every this many steps (0: at the end)")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help=f"picture side the model sees, a multiple of {PATCH_SIZE} (default: --init's, or {IMAGE_SIZE})",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.save_every < 0:
         parser.error("--steps and --batch_size must be at least 1, --save_every at least 0")
+    if args.image_size is not None and (args.image_size < PATCH_SIZE or args.image_size % PATCH_SIZE):
+        parser.error(f"--image_size must be a positive multiple of {PATCH_SIZE}")
     if not 0.0 <= args.train_share <= 1.0 or not 0.0 <= args.ema < 1.0:
         parser.error("--train_share must be in [0, 1] and --ema in [0, 1)")
     if args.train_share and args.style == "train":
@@ -208,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         args.train_share,
         args.ema,
         args.save_every,
+        args.image_size,
     )
 
 
