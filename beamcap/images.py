@@ -742,7 +742,7 @@ def decode_image(
     ref: Any,
     max_pixels: int,
     draft_size: int | None = None,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_aspect_ratio: int = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Decode encoded bytes into an RGB image: its first frame, EXIF orientation applied.
 
@@ -838,7 +838,7 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT_SECS,
     draft_size: int | None = None,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_aspect_ratio: int = DEFAULT_MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Read and decode one image reference into an RGB :class:`PIL.Image.Image`; any failure is an
     :class:`ImageLoadError`."""

@@ -1,6 +1,6 @@
 """Train the demo captioner: a small BLIP, from scratch or from a previous stage, on procedural shape pictures.
 
-The shipped model is trained in four stages (``shapes.py`` describes the styles):
+The shipped model is trained in five stages (``shapes.py`` describes the styles):
 
     # 1. from scratch on the 'train' style (the first release's recipe and pictures)
     python -m beamcap.demo.train --out /tmp/demo-stage1
@@ -11,14 +11,18 @@ The shipped model is trained in four stages (``shapes.py`` describes the styles)
     python -m beamcap.demo.train --init /tmp/demo-stage2 --out /tmp/demo-stage3 \
         --style varied --train_share 0.15 --steps 14000 --lr 5e-4 --seed 1 --ema 0.999
     # 4. from stage 3, at a lower learning rate still, on a third stream of pictures
-    python -m beamcap.demo.train --init /tmp/demo-stage3 --out beamcap/demo/model \
+    python -m beamcap.demo.train --init /tmp/demo-stage3 --out /tmp/demo-stage4 \
         --style varied --train_share 0.15 --steps 8000 --lr 3e-4 --seed 2 --ema 0.999
+    # 5. from stage 4, seeing 128x128 pictures instead of 96x96 (position embeddings interpolated)
+    python -m beamcap.demo.train --init /tmp/demo-stage4 --out beamcap/demo/model --image_size 128 \
+        --style varied --train_share 0.15 --steps 4500 --lr 4e-4 --seed 3 --ema 0.999
 
     python -m beamcap.demo.train --out /tmp/m --steps 30          # a smoke run
 
 The held-out style that ``evaluate.py`` measures on is never drawn here. The
 shipped model's stage 2 started from the first release's weights, its stage 3
-from the second release's, its stage 4 from the third release's.
+from the second release's, its stage 4 from the third release's, its stage 5
+from the fourth release's.
 Seeded and reproducible on the same machine and library versions (the weights
 also depend on ``--threads``). The output is a ``save_pretrained`` folder
 (model + processor), loaded like any hub model.
@@ -47,7 +51,7 @@ TRAINING_STYLES = ("train", "varied")
 
 _LOGGER = logging.getLogger(__name__)
 IMAGE_SIZE = 96
-PATCH_SIZE = 8  # 144 patches of 8x8 at 96x96
+PATCH_SIZE = 8  # 144 patches of 8x8 at 96x96 (stage 5 grows the input to 128x128: 256 patches)
 
 
 def build_processor(image_size: int = IMAGE_SIZE) -> BlipProcessor:
