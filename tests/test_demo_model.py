@@ -193,7 +193,6 @@ def test_training_script_smoke(tmp_path):
     """The shipped recipe's kinds of stage, a few steps each: from scratch, then from a model on 'varied' pictures
     with a moving average and a larger input (position embeddings interpolated); each result loads through
     beamcap's loading path and captions."""
-
     from beamcap.config import CaptionConfig
     from beamcap.demo import train
     from beamcap.model import load_captioner
@@ -204,6 +203,8 @@ def test_training_script_smoke(tmp_path):
         ["--init", first, "--out", second, "--style", "varied", "--train_share", "0.2", "--ema", "0.9"]
         + ["--steps", "3", "--batch_size", "4", "--image_size", "104"]
     )
+    with pytest.raises(ValueError, match="can grow, not shrink"):
+        train.main(["--init", first, "--out", str(tmp_path / "smaller"), "--steps", "1", "--image_size", "64"])
     with open(os.path.join(second, "config.json")) as f:
         assert json.load(f)["vision_config"]["image_size"] == 104
     with open(os.path.join(second, "processor_config.json")) as f:

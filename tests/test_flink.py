@@ -125,6 +125,25 @@ def demo_copy(root) -> str:
     return str(root)
 
 
+def test_the_demo_recipe_gives_directrunners_output_and_each_worker_loads_once(flink, tmp_path):
+    """The demo recipe (relative dataset_path and export_path) started in a folder the workers do not run in:
+    the same records as on DirectRunner, written where the launcher's paths say."""
+    recipe = ["--recipe", "beamcap/demo/data/recipe.yaml", "--do_sample", "false", "--failed_output", "out/failed"]
+    local = demo_copy(tmp_path / "local")
+    on_flink = demo_copy(tmp_path / "flink")
+    direct = caption(recipe, cwd=local)
+    offsets = log_offsets(flink["run_dir"])
+    summary = caption([*recipe, *flink["options"]], cwd=on_flink)
+    assert lines(f"{on_flink}/out/demo/captioned.jsonl") == lines(f"{local}/out/demo/captioned.jsonl")
+    assert len(lines(f"{on_flink}/out/demo/captioned.jsonl")) == 7
+    assert lines(f"{on_flink}/out/failed*") == lines(f"{local}/out/failed*") == []
+    counts = ("lines_read", "samples_in", "samples_failed", "images_captioned", "generated_samples", "records_written")
+    assert {k: summary[k] for k in counts} == {k: direct[k] for k in counts}
+    loads = model_loads_in_logs(flink["run_dir"], offsets)
+    assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1, loads  # one load per SDK worker at most
+    assert summary["model_loads"] <= sum(loads.values())
+
+
 def dataset(root, n: int, relative: bool = False) -> str:
     """n one-image samples (the demo pictures in turn), a missing image and a line that is not JSON, in
     ``root/data.jsonl``; with ``relative``, image paths are relative to ``root`` (a copy of the demo data)."""
@@ -143,7 +162,7 @@ def test_relative_paths_candidates_failures_and_large_model_give_directrunners_o
     """The bundled recipe, started in a folder the workers do not run in, on 24 samples whose input, output (the
     recipe's export_path), failed output and image paths are all relative, with caption_num=3 'all', a missing
     image and a bad line, and one model per machine (large_model): outputs, failures and the summary's counts
-    equal DirectRunner's, the model was loaded once, in one SDK worker, and both TaskManagers captioned."""
+    equal DirectRunner's, the TaskManagers' logs show one model load in all, and both TaskManagers captioned."""
     args = ["--recipe", "beamcap/demo/data/recipe.yaml", "--input", "beamcap/demo/data/data.jsonl",
             "--failed_output", "out/failed", "--do_sample", "false", "--caption_num", "3",
             "--keep_candidate_mode", "all", "--large_model", "true", "--num_shards", "1"]  # fmt: skip

@@ -64,8 +64,11 @@ def build_processor(image_size: int = IMAGE_SIZE) -> BlipProcessor:
 def resize_input(model: BlipForConditionalGeneration, image_size: int) -> None:
     """Make ``model`` see ``image_size`` pixels square: its patch position embeddings are interpolated (bicubic)."""
     vision = model.config.vision_config
-    if image_size % vision.patch_size:
-        raise ValueError(f"--image_size must be a multiple of the patch size, {vision.patch_size}")
+    if image_size < vision.image_size or image_size % vision.patch_size:
+        raise ValueError(
+            f"image_size {image_size} must be a multiple of the patch size ({vision.patch_size}) and at least the "
+            f"model's input size ({vision.image_size}): the input can grow, not shrink"
+        )
     if image_size == vision.image_size:
         return
     embeddings = model.vision_model.embeddings
@@ -147,21 +150,24 @@ def train(
     With ``save_every``, the model is also saved to ``out`` every that many steps (each save replaces the last),
     so that a long run can be evaluated, or stopped, part way.
     With ``image_size``, the model sees pictures of that many pixels square (default: ``init``'s size, or
-    ``IMAGE_SIZE`` from scratch); a model from ``init`` of another size has its position embeddings interpolated.
+    ``IMAGE_SIZE`` from scratch); a model from ``init`` of a smaller size has its position embeddings interpolated
+    (the input can grow, not shrink).
     """
     random.seed(seed)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     if init:
         model = BlipForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
-        image_size = image_size or model.config.vision_config.image_size
+        if image_size is None:
+            image_size = model.config.vision_config.image_size
         resize_input(model, image_size)
         processor = build_processor(image_size)
         if model.config.text_config.vocab_size != len(processor.tokenizer):
             raise ValueError(f"{init} has a vocabulary of {model.config.text_config.vocab_size} words, not the demo's")
     else:
-        processor = build_processor(image_size or IMAGE_SIZE)
-        model = build_model(processor, image_size or IMAGE_SIZE)
+        image_size = IMAGE_SIZE if image_size is None else image_size
+        processor = build_processor(image_size)
+        model = build_model(processor, image_size)
     model.train()
     averaged = None
     if ema:
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         "--image_size",
         type=int,
         default=None,
-        help=f"picture side the model sees, a multiple of {PATCH_SIZE} (default: --init's, or {IMAGE_SIZE})",
+        help=f"picture side the model sees, a multiple of {PATCH_SIZE}, at least --init's (default: --init's, or {IMAGE_SIZE})",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     args = parser.parse_args(argv)
