@@ -19,6 +19,11 @@ EOC = "<|__dj__eoc|>"
 IMG = "<__dj__image>"
 
 
+def printed_summary(stdout: str) -> dict:
+    """The counts a job printed on its ``beamcap summary:`` line."""
+    return json.loads(stdout.split("beamcap summary:", 1)[1].splitlines()[0])
+
+
 def process(dofn: CaptionDoFn, config: CaptionConfig, samples: list) -> dict[str, list]:
     """``samples`` parsed and cut into calls as the transform does, each call through ``process`` outside Beam;
     the emitted samples by tag (main output under 'generated')."""

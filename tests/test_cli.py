@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from helpers import IMG
+from helpers import IMG, printed_summary
 
 from pipelines.options import UserError, beam_option_parser, check_beam_arguments, make_parser
 
@@ -273,7 +273,7 @@ def test_bad_lines_name_their_file_and_line_and_the_summary_accounts_for_everyth
     assert "nested more than 100 levels deep" in reasons["12"]["error"]
     by_id = {r["sample"]["id"]: r["error"] for r in bad if isinstance(r["sample"], dict)}
     assert f"file not found ({tmp_path}/nope.jpg)" in by_id["missing"]
-    summary = json.loads(result.stdout.split("beamcap summary:")[1].splitlines()[0])
+    summary = printed_summary(result.stdout)
     assert summary["lines_read"] == 11 and summary["lines_unparseable"] == 9 and summary["samples_in"] == 2
     assert summary["samples_failed"] == 1 and summary["failures_written"] == 10 and summary["records_written"] == 2
     assert summary["lines_read"] == summary["samples_in"] + summary["lines_unparseable"]
@@ -316,8 +316,8 @@ def test_the_readme_quickstart_prints_what_the_readme_shows(tmp_path):
     printed = [line for line in result.stdout.splitlines() if not line.startswith("beamcap summary:")]
     expected = [line for line in shown.splitlines() if not line.startswith("beamcap summary:")]
     assert sorted(printed) == sorted(expected)
-    summary = json.loads(result.stdout.split("beamcap summary:")[1].splitlines()[0])
-    shown_summary = json.loads(shown.split("beamcap summary:")[1].splitlines()[0])
+    summary = printed_summary(result.stdout)
+    shown_summary = printed_summary(shown)
     timing = ("wall_secs", "images_per_sec")
     assert {k: v for k, v in summary.items() if k not in timing} == {
         k: v for k, v in shown_summary.items() if k not in timing

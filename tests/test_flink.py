@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from helpers import IMG
+from helpers import IMG, printed_summary
 
 from pipelines import flink_cluster
 
@@ -74,7 +74,7 @@ def caption(args: list[str], cwd: str) -> dict:
         [os.path.join(BIN, "beamcap-caption"), *args], cwd=cwd, capture_output=True, text=True, timeout=JOB_TIMEOUT
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads(result.stdout.split("beamcap summary:")[1].splitlines()[0])
+    return printed_summary(result.stdout)
 
 
 def lines(pattern: str) -> list[str]:

@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from helpers import IMG
+from helpers import IMG, printed_summary
 
 from pipelines.caption import input_folder, parse_args, run
 
@@ -52,7 +52,7 @@ def test_job_writes_captions_and_failures(dataset, blip_dir, capsys):
     missing, line = sorted((b["error"] for b in bad), key=lambda reason: not reason.startswith("image"))
     assert "imgs/missing.jpg" in missing and "file not found" in missing
     assert line.startswith(f"{dataset / 'data.jsonl'}:5: invalid JSON")
-    summary = json.loads(capsys.readouterr().out.split("beamcap summary:")[1].strip().splitlines()[0])
+    summary = printed_summary(capsys.readouterr().out)
     assert summary["samples_in"] == 4 and summary["samples_failed"] == 1 and summary["images_captioned"] == 3
 
 
@@ -322,7 +322,7 @@ def test_hostile_parquet_inputs_fail_alone_beside_good_files(tmp_path, image_dir
         f"{folder}/twice.parquet:1: it has more than one column named ['images']: which one is meant is unclear"
     )
     assert by_file["late.parquet"].startswith(f"{folder}/late.parquet:2: a value does not convert: ")
-    summary = json.loads(capsys.readouterr().out.split("beamcap summary: ", 1)[1])
+    summary = printed_summary(capsys.readouterr().out)
     assert summary["lines_unparseable"] == 5 and summary["samples_in"] == 6
     assert summary["lines_read"] == summary["samples_in"] + summary["lines_unparseable"]
 

@@ -7,7 +7,7 @@ import json
 
 import apache_beam as beam
 import pytest
-from helpers import IMG
+from helpers import IMG, printed_summary
 
 from beamcap import CaptionImages, UnsupportedRunnerError
 from pipelines.caption import run
@@ -59,7 +59,7 @@ def test_multi_processing_direct_runner_matches_in_memory_per_process_and_with_o
     summaries = {}
     for name, extra in runs.items():
         run([*common, "--output", str(tmp_path / name), "--failed_output", str(tmp_path / f"{name}f"), *extra])
-        summaries[name] = json.loads(capsys.readouterr().out.split("beamcap summary:")[1].strip().splitlines()[0])
+        summaries[name] = printed_summary(capsys.readouterr().out)
     assert len(_rows(str(tmp_path / "mem"))) == 36
     assert len(_rows(str(tmp_path / "memf"))) == 1
     for name in ("mp", "shared"):
