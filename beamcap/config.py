@@ -44,6 +44,21 @@ _DEVICE_RE = re.compile(r"^(cpu|mps|(cuda|xpu)(:\d+)?)$")
 _RESERVED_GENERATE_KEYS = frozenset(
     {"num_return_sequences", "pixel_values", "input_ids", "attention_mask", "inputs", "generation_config"}
 )
+# Common generate arguments, checked when the transform is built rather than failing every batch at its first
+# generate call: (the type, the test their value must pass and what that test says), as transformers' logits
+# processors check them. Others pass to generate unchecked.
+_INT, _NUMBER = (int,), (int, float)
+_GENERATE_ARG_CHECKS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
+    "num_beams": (_INT, lambda v: v >= 1, "a positive int"),
+    "num_beam_groups": (_INT, lambda v: v >= 1, "a positive int"),
+    "top_k": (_INT, lambda v: v >= 0, "an int >= 0"),
+    "no_repeat_ngram_size": (_INT, lambda v: v >= 0, "an int >= 0"),
+    "min_new_tokens": (_INT, lambda v: v >= 0, "an int >= 0"),
+    "top_p": (_NUMBER, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "temperature": (_NUMBER, lambda v: 0 < v < math.inf, "a number > 0"),
+    "repetition_penalty": (_NUMBER, lambda v: 0 < v < math.inf, "a number > 0"),
+    "length_penalty": (_NUMBER, math.isfinite, "a finite number"),
+}
 # Parameters that existed once and were removed, with why (an old call fails with this, not as a generate kwarg).
 _REMOVED = {
     "prefetch_images": "prefetch_images was removed: reading images is under 1% of the time on the models measured "
@@ -271,7 +286,10 @@ class CaptionConfig:
         check=is_bool,
     )
     generate_kwargs: dict[str, Any] = param(
-        help="more generate arguments (num_beams, top_p, repetition_penalty, ...)", check=is_dict, factory=dict
+        help="more generate arguments (num_beams, top_p, repetition_penalty, ...); the common ones are checked when "
+        "the transform is built",
+        check=is_dict,
+        factory=dict,
     )
 
     def __post_init__(self) -> None:
@@ -312,9 +330,11 @@ class CaptionConfig:
                 f"{reserved} are set by beamcap on every generate call and cannot be passed; "
                 "use caption_num for the number of candidates"
             )
+        for key, (types_, test, what) in _GENERATE_ARG_CHECKS.items():
+            value = self.generate_kwargs.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types_) or not test(value)):
+                raise ValueError(f"generate_kwargs {key} must be {what}, got {value!r}")
         num_beams = self.generate_kwargs.get("num_beams")
-        if num_beams is not None and (isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1):
-            raise ValueError(f"generate_kwargs num_beams must be a positive int, got {num_beams!r}")
         if not self.do_sample and self.caption_num > 1 and num_beams is not None and num_beams < self.caption_num:
             raise ValueError(
                 f"do_sample=False with caption_num={self.caption_num} needs num_beams >= caption_num "

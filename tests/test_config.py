@@ -65,12 +65,28 @@ def test_building_the_transform_loads_nothing():
         ({"shared_image_pass": "yes"}, "shared_image_pass must be a bool"),
         ({"hf_img2seq": None}, "hf_img2seq must not be None"),
         ({"do_sample": False, "caption_num": 3, "num_beams": 2}, "needs num_beams >= caption_num"),
+        # common generate arguments are checked here, not at every batch's first generate call
+        ({"num_beams": 0}, "generate_kwargs num_beams must be a positive int, got 0"),
+        ({"top_k": 5.0}, "generate_kwargs top_k must be an int >= 0, got 5.0"),
+        ({"top_p": "0.9"}, "generate_kwargs top_p must be a number in [0, 1], got '0.9'"),
+        ({"top_p": 1.5}, "generate_kwargs top_p must be a number in [0, 1], got 1.5"),
+        ({"temperature": 0}, "generate_kwargs temperature must be a number > 0, got 0"),
+        ({"temperature": float("nan")}, "generate_kwargs temperature must be a number > 0, got nan"),
+        ({"repetition_penalty": True}, "generate_kwargs repetition_penalty must be a number > 0, got True"),
+        ({"no_repeat_ngram_size": -1}, "generate_kwargs no_repeat_ngram_size must be an int >= 0, got -1"),
+        ({"length_penalty": float("inf")}, "generate_kwargs length_penalty must be a finite number, got inf"),
     ],
 )
 def test_invalid_configuration_raises_naming_the_parameter(kwargs, message):
     with pytest.raises(ValueError) as e:
         CaptionImages(**kwargs)
     assert message in str(e.value)
+
+
+def test_valid_generate_arguments_pass_as_given():
+    given = {"top_k": 0, "top_p": 1, "temperature": 0.7, "repetition_penalty": 1.2, "length_penalty": -0.5}
+    settings = CaptionConfig(do_sample=True, generate_kwargs={**given, "typical_p": 0.9}).generation_settings()
+    assert {k: settings[k] for k in given} == given and settings["typical_p"] == 0.9
 
 
 def test_mode_accepts_enum_and_string():
