@@ -160,6 +160,26 @@ def test_training_batches_draw_the_styles_asked_for():
         assert labels.equal(expected["input_ids"].masked_fill(expected["attention_mask"] == 0, -100)), options
 
 
+def test_masked_prompts_are_left_out_of_the_loss():
+    """With mask_prompt, the prompt's words get no label (the model learns to continue a prompt, not to write
+    one); the caption's words, the start and the end keep theirs; the pictures and texts are the same."""
+    from beamcap.demo import train
+
+    processor = train.build_processor()
+    plain_inputs, plain = train.make_batch(processor, random.Random(5), 16, prompt_rate=0.5)
+    inputs, masked = train.make_batch(processor, random.Random(5), 16, prompt_rate=0.5, mask_prompt=True)
+    assert inputs["input_ids"].equal(plain_inputs["input_ids"])
+    prompted = 0
+    for ids, plain_row, masked_row in zip(inputs["input_ids"], plain, masked, strict=True):
+        words = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+        prompt = next((p.split() for p in train.PROMPTS if words[1:4] == p.split()), [])
+        prompted += bool(prompt)
+        expected = plain_row.clone()
+        expected[1 : 1 + len(prompt)] = -100
+        assert masked_row.equal(expected), words
+    assert 0 < prompted < 16
+
+
 def test_the_moving_average_is_what_is_saved(tmp_path):
     """With --ema, the saved weights are the average (they differ from the last step's); without, the last step's."""
     from safetensors.torch import load_file
@@ -190,8 +210,8 @@ def test_training_refuses_bad_settings(tmp_path, flags, capsys):
 
 @pytest.mark.slow
 def test_training_script_smoke(tmp_path):
-    """The shipped recipe's kinds of stage, a few steps each: from scratch, then from a model on 'varied' pictures
-    with a moving average and a larger input (position embeddings interpolated); each result loads through
+    """The shipped recipe's kinds of stage, a few steps each: from scratch, then from a model on 'harder' pictures
+    with masked prompts, a moving average and a larger input (position embeddings interpolated); each result loads through
     beamcap's loading path and captions."""
     from beamcap.config import CaptionConfig
     from beamcap.demo import train
@@ -200,8 +220,8 @@ def test_training_script_smoke(tmp_path):
     first, second = str(tmp_path / "one"), str(tmp_path / "two")
     train.main(["--out", first, "--steps", "6", "--batch_size", "4"])
     train.main(
-        ["--init", first, "--out", second, "--style", "varied", "--train_share", "0.2", "--ema", "0.9"]
-        + ["--steps", "3", "--batch_size", "4", "--image_size", "104"]
+        ["--init", first, "--out", second, "--style", "harder", "--train_share", "0.2", "--ema", "0.9"]
+        + ["--steps", "3", "--batch_size", "4", "--image_size", "104", "--mask_prompt"]
     )
     with pytest.raises(ValueError, match="can grow, not shrink"):
         train.main(["--init", first, "--out", str(tmp_path / "smaller"), "--steps", "1", "--image_size", "64"])

@@ -37,13 +37,29 @@ def test_heldout_canvases_are_in_range():
         assert long / short <= 16 / 9 + 0.02
 
 
-@pytest.mark.parametrize("training", ["train", "varied"])
+@pytest.mark.parametrize("training", ["train", "varied", "harder"])
 def test_heldout_differs_from_training(training):
     """Same scenes and seeds, other pictures: the held-out generator is neither training one."""
     scene = Scene("red", "triangle", 2)
     for seed in range(5):
         a, b = draw_scene(scene, random.Random(seed), training), draw_scene(scene, random.Random(seed), "heldout")
         assert a.size != b.size or a.tobytes() != b.tobytes()
+
+
+def test_harder_pictures_have_backgrounds_as_bright_as_the_shapes():
+    """'harder' draws half the backgrounds at the shapes' own luma (+-30): only hue sets them apart."""
+    from beamcap.demo.shapes import COLOURS, _luma, _matched_colour
+
+    rng = random.Random(0)
+    for colour, rgb in COLOURS.items():
+        backgrounds = [_matched_colour(colour, rng) for _ in range(200)]
+        assert all(abs(_luma(b) - _luma(rgb)) <= 32 for b in backgrounds), colour
+        assert any(len(set(b)) == 1 for b in backgrounds) and any(len(set(b)) > 1 for b in backgrounds), colour
+    scene, corners = Scene("yellow", "square", 1), []
+    for seed in range(40):
+        picture = np.asarray(draw_scene(scene, random.Random(seed), "harder").convert("L"), np.float64)
+        corners.append(abs(picture[:3, :3].mean() - _luma(COLOURS["yellow"])))
+    assert 8 <= sum(c < 45 for c in corners) <= 32  # about half, not all: the rest are 'varied' backgrounds
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
@@ -82,3 +98,10 @@ def test_evaluation_pictures_and_judging():
     assert judge(Scene("red", "circle", 2), "a red circle")["all"] is False  # count and plural both wrong
     assert judge(Scene("red", "circle", 2), "three red circles")["colour_and_shape"] is True
     assert judge(Scene("red", "circle", 1), "a red blue circle")["colour"] is False
+    # a caption that begins with a training prompt is judged on what follows it, count word included
+    assert judge(Scene("red", "circle", 2), "a photo of two red circles")["all"] is True
+    assert judge(Scene("red", "circle", 2), "A Picture of two red circles")["all"] is True
+    assert judge(Scene("red", "circle", 2), "a photo of a red circle")["all"] is False
+    assert judge(Scene("red", "circle", 1), "a photo of two red circles")["all"] is False
+    assert judge(Scene("red", "circle", 1), "a photo of a red circle")["all"] is True
+    assert judge(Scene("red", "circle", 1), "a photo")["all"] is False

@@ -18,14 +18,20 @@ import random
 
 from beamcap.config import CaptionConfig
 from beamcap.demo import demo_model_path
-from beamcap.demo.shapes import COLOURS, COUNT_WORDS, SHAPES, STYLES, Scene, draw_scene
+from beamcap.demo.shapes import COLOURS, COUNT_WORDS, PROMPTS, SHAPES, STYLES, Scene, draw_scene
 from beamcap.model import load_captioner
 
 SETTINGS = {"max_new_tokens": 8, "do_sample": False, "num_return_sequences": 1}
 
 
 def judge(scene: Scene, caption: str) -> dict[str, bool]:
+    """Which parts of ``scene`` the caption names; a caption that begins with one of the training prompts
+    ('a photo of two red circles') is judged on what follows it."""
     words = caption.lower().split()
+    for prompt in PROMPTS:
+        if words[: len(prompt.split())] == prompt.split():
+            words = words[len(prompt.split()) :]
+            break
     shape_ok = (scene.shape if scene.count == 1 else scene.shape + "s") in words
     colour_ok = scene.colour in words and not any(c in words for c in COLOURS if c != scene.colour)
     count_ok = bool(words) and words[0] == COUNT_WORDS[scene.count]

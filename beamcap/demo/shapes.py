@@ -26,9 +26,19 @@ styles draw from different distributions:
     shade of the fill, 1 px up to 12% of the shape); half drawn at 2-4x and
     downsampled (anti-aliased); JPEG quality 20-98.
 
+``'harder'``
+    The sixth training stage's style: ``'varied'`` with two harder kinds of
+    picture, the two where most of stage 5's held-out mistakes were. Half the
+    backgrounds (the first colour of a gradient) are as bright as the shapes'
+    own colour (ITU-R 601 luma within +-30 levels; grey, or a low-saturation
+    hue), so that only hue tells the shapes from the background (yellow on
+    light grey; red, green or blue on dark grey); and the shapes of one
+    picture differ more in size (0.55-1.65x a base size each, not 0.7-1.3x),
+    so that a small shape beside large ones is still seen and counted.
+
 ``'heldout'``
     What ``python -m beamcap.demo.evaluate`` measures on; never used in
-    training, and written separately from ``'train'`` and ``'varied'``. Long canvas side uniform
+    training, and written separately from ``'train'``, ``'varied'`` and ``'harder'``. Long canvas side uniform
     in 64-400 px, aspect ratio uniform in 1-16:9 (short side at least 64 px);
     backgrounds chosen from a fixed menu: light greys (185-235), dark greys
     (35-95), off-whites, five pastel tints that are none of the four shape
@@ -72,7 +82,7 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 PROMPTS = ("a photo of", "a picture of")
-STYLES = ("train", "varied", "heldout", "eval")
+STYLES = ("train", "varied", "harder", "heldout", "eval")
 
 # The held-out generator's pastel background tints (none of them is one of COLOURS).
 HELDOUT_PASTELS = {
@@ -197,14 +207,30 @@ def _varied_noise(width: int, height: int, sigma: float, rng: random.Random) -> 
     return tile[y : y + height, x : x + width, None] * sigma
 
 
-def _draw_varied(scene: Scene, rng: random.Random) -> Image.Image:
+def _luma(rgb) -> float:
+    """ITU-R 601 luma, as Pillow's ``convert('L')`` computes it."""
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def _matched_colour(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    """A grey or low-saturation background about as bright (luma +-30) as the shapes' ``colour``."""
+    target = max(0.0, min(255.0, _luma(COLOURS[colour]) + rng.uniform(-30, 30)))
+    if rng.random() < 0.5:
+        return _clip((target, target, target))
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.03, 0.35), 1.0)
+    factor = target / max(1.0, _luma((255 * r, 255 * g, 255 * b)))
+    return _clip((255 * r * factor, 255 * g * factor, 255 * b * factor))
+
+
+def _draw_varied(scene: Scene, rng: random.Random, harder: bool = False) -> Image.Image:
+    """A 'varied' picture; with ``harder``, a 'harder' one (backgrounds as bright as the shapes, sizes spread)."""
     while True:
         width, height = (round(math.exp(rng.uniform(math.log(48), math.log(480)))) for _ in range(2))
         if max(width, height) <= 2 * min(width, height):
             break
     short = min(width, height)
     scale = min(rng.randint(2, 4), 1024 // max(width, height)) if rng.random() < 0.5 else 1
-    first = _varied_colour(rng)
+    first = _matched_colour(scene.colour, rng) if harder and rng.random() < 0.5 else _varied_colour(rng)
     if rng.random() < 0.4:
         ramp = _gradient(16, 16, first, _varied_colour(rng), rng.uniform(0, 2 * math.pi))
         image = Image.fromarray(np.rint(ramp).astype(np.uint8), "RGB")
@@ -213,7 +239,8 @@ def _draw_varied(scene: Scene, rng: random.Random) -> Image.Image:
         image = Image.new("RGB", (width * scale, height * scale), first)
     hi = {1: 0.55, 2: 0.42, 3: 0.36}[scene.count]
     base = math.exp(rng.uniform(math.log(0.08), math.log(hi)))
-    sizes = [short * min(hi, max(0.06, base * rng.uniform(0.7, 1.3))) for _ in range(scene.count)]
+    spread = (0.55, 1.65) if harder else (0.7, 1.3)
+    sizes = [short * min(hi, max(0.06, base * rng.uniform(*spread))) for _ in range(scene.count)]
     fills = [_jitter(COLOURS[scene.colour], rng, 30) for _ in range(scene.count)]
     outline, outline_width = None, 1.0
     if rng.random() < 0.5:
@@ -348,8 +375,8 @@ def _draw_legacy(scene: Scene, rng: random.Random, style: str) -> Image.Image:
 
 def draw_scene(scene: Scene, rng: random.Random, style: str = "train") -> Image.Image:
     """A picture of ``scene``, drawn in ``style`` (one of :data:`STYLES`), JPEG round-tripped."""
-    if style == "varied":
-        return _draw_varied(scene, rng)
+    if style in ("varied", "harder"):
+        return _draw_varied(scene, rng, harder=style == "harder")
     if style == "heldout":
         return _draw_heldout(scene, rng)
     if style in ("train", "eval"):

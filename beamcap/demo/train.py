@@ -47,7 +47,7 @@ from transformers import (
 
 from beamcap.demo.shapes import PROMPTS, draw_scene, random_scene, vocabulary
 
-TRAINING_STYLES = ("train", "varied")
+TRAINING_STYLES = ("train", "varied", "harder")
 
 _LOGGER = logging.getLogger(__name__)
 IMAGE_SIZE = 96
@@ -117,17 +117,26 @@ def make_batch(
     prompt_rate: float = 0.3,
     style: str = "train",
     train_share: float = 0.0,
+    mask_prompt: bool = False,
 ):
-    """``size`` pictures in ``style`` (a ``train_share`` of them in 'train' instead) and their captions."""
-    images, texts = [], []
+    """``size`` pictures in ``style`` (a ``train_share`` of them in 'train' instead) and their captions.
+
+    A ``prompt_rate`` of the captions follow one of :data:`PROMPTS`; with ``mask_prompt`` the prompt's words are
+    left out of the loss (as BLIP's own fine-tuning does), so the model continues a prompt but never writes one.
+    """
+    images, texts, prompt_lengths = [], [], []
     for _ in range(size):
         scene = random_scene(rng)
         drawn = style if style == "train" or rng.random() >= train_share else "train"
         images.append(draw_scene(scene, rng, drawn))
         prefix = rng.choice(PROMPTS) + " " if rng.random() < prompt_rate else ""
         texts.append(prefix + scene.caption)
+        prompt_lengths.append(len(prefix.split()))  # one token per word: every word is in the vocabulary
     inputs = processor(images=images, text=texts, padding="longest", return_tensors="pt")
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.tokenizer.pad_token_id, -100)
+    if mask_prompt:
+        for row, length in enumerate(prompt_lengths):
+            labels[row, 1 : 1 + length] = -100  # position 0 is [CLS], the decoder's start token
     return inputs, labels
 
 
@@ -143,6 +152,7 @@ def train(
     ema: float = 0.0,
     save_every: int = 0,
     image_size: int | None = None,
+    mask_prompt: bool = False,
 ) -> None:
     """Train ``steps`` steps from scratch, or from the model in ``init``, and save to ``out``.
 
@@ -152,6 +162,7 @@ def train(
     With ``image_size``, the model sees pictures of that many pixels square (default: ``init``'s size, or
     ``IMAGE_SIZE`` from scratch); a model from ``init`` of a smaller size has its position embeddings interpolated
     (the input can grow, not shrink).
+    With ``mask_prompt``, prompt words are left out of the loss (see :func:`make_batch`).
     """
     random.seed(seed)
     torch.manual_seed(seed)
@@ -181,7 +192,9 @@ def train(
     )
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        inputs, labels = make_batch(processor, rng, batch_size, style=style, train_share=train_share)
+        inputs, labels = make_batch(
+            processor, rng, batch_size, style=style, train_share=train_share, mask_prompt=mask_prompt
+        )
         loss = model(**inputs, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -226,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"picture side the model sees, a multiple of {PATCH_SIZE}, at least --init's (default: --init's, or {IMAGE_SIZE})",
     )
+    parser.add_argument(
+        "--mask_prompt",
+        action="store_true",
+        help="leave the prompt words ('a photo of', ...) out of the loss, so the model never writes them itself",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.save_every < 0:
@@ -235,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0.0 <= args.train_share <= 1.0 or not 0.0 <= args.ema < 1.0:
         parser.error("--train_share must be in [0, 1] and --ema in [0, 1)")
     if args.train_share and args.style == "train":
-        parser.error("--train_share mixes 'train' pictures into another style: use it with --style varied")
+        parser.error("--train_share mixes 'train' pictures into another style: use it with --style varied or harder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -251,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         args.ema,
         args.save_every,
         args.image_size,
+        args.mask_prompt,
     )
 
 
