@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import re
 import types
@@ -45,19 +46,18 @@ _RESERVED_GENERATE_KEYS = frozenset(
     {"num_return_sequences", "pixel_values", "input_ids", "attention_mask", "inputs", "generation_config"}
 )
 # Common generate arguments, checked when the transform is built rather than failing every batch at its first
-# generate call: (the type, the test their value must pass and what that test says), as transformers' logits
-# processors check them. Others pass to generate unchecked.
-_INT, _NUMBER = (int,), (int, float)
-_GENERATE_ARG_CHECKS: dict[str, tuple[tuple[type, ...], Callable[[Any], bool], str]] = {
-    "num_beams": (_INT, lambda v: v >= 1, "a positive int"),
-    "num_beam_groups": (_INT, lambda v: v >= 1, "a positive int"),
-    "top_k": (_INT, lambda v: v >= 0, "an int >= 0"),
-    "no_repeat_ngram_size": (_INT, lambda v: v >= 0, "an int >= 0"),
-    "min_new_tokens": (_INT, lambda v: v >= 0, "an int >= 0"),
-    "top_p": (_NUMBER, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "temperature": (_NUMBER, lambda v: 0 < v < math.inf, "a number > 0"),
-    "repetition_penalty": (_NUMBER, lambda v: 0 < v < math.inf, "a number > 0"),
-    "length_penalty": (_NUMBER, math.isfinite, "a finite number"),
+# generate call, as transformers' logits processors check them: name -> (an int, or any real number, stored as a
+# float as transformers wants it; the test the value must pass; what the test says; whether it only matters when
+# sampling, so that transformers ignores it, with a warning, under do_sample=False). Others pass unchecked.
+_GENERATE_ARG_CHECKS: dict[str, tuple[type, Callable[[Any], bool], str, bool]] = {
+    "num_beams": (int, lambda v: v >= 1, "a positive int", False),
+    "no_repeat_ngram_size": (int, lambda v: v >= 0, "an int >= 0", False),
+    "min_new_tokens": (int, lambda v: v >= 0, "an int >= 0", False),
+    "length_penalty": (float, math.isfinite, "a finite number", False),
+    "repetition_penalty": (float, lambda v: 0 < v < math.inf, "a finite number > 0", False),
+    "top_k": (int, lambda v: v >= 0, "an int >= 0", True),
+    "top_p": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]", True),
+    "temperature": (float, lambda v: 0 < v < math.inf, "a finite number > 0", True),
 }
 # Parameters that existed once and were removed, with why (an old call fails with this, not as a generate kwarg).
 _REMOVED = {
@@ -330,10 +330,7 @@ class CaptionConfig:
                 f"{reserved} are set by beamcap on every generate call and cannot be passed; "
                 "use caption_num for the number of candidates"
             )
-        for key, (types_, test, what) in _GENERATE_ARG_CHECKS.items():
-            value = self.generate_kwargs.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, types_) or not test(value)):
-                raise ValueError(f"generate_kwargs {key} must be {what}, got {value!r}")
+        self._check_generate_kwargs()
         num_beams = self.generate_kwargs.get("num_beams")
         if not self.do_sample and self.caption_num > 1 and num_beams is not None and num_beams < self.caption_num:
             raise ValueError(
@@ -347,6 +344,17 @@ class CaptionConfig:
                 self.prompt_key,
                 self.prompt,
             )
+
+    def _check_generate_kwargs(self) -> None:
+        """Check the common generate arguments (:data:`_GENERATE_ARG_CHECKS`); real numbers are stored as floats."""
+        for key, (kind, test, what, sampling_only) in _GENERATE_ARG_CHECKS.items():
+            value = self.generate_kwargs.get(key)
+            if value is None or (sampling_only and not self.do_sample):
+                continue
+            wanted = numbers.Integral if kind is int else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, wanted) or not test(value):
+                raise ValueError(f"generate_kwargs {key} must be {what}, got {value!r}")
+            self.generate_kwargs[key] = kind(value)
 
     @property
     def shares_across_processes(self) -> bool:

@@ -1,6 +1,7 @@
 import inspect
 import logging
 
+import numpy as np
 import pytest
 
 from beamcap import CaptionConfig, CaptionImages, KeepMode
@@ -67,12 +68,12 @@ def test_building_the_transform_loads_nothing():
         ({"do_sample": False, "caption_num": 3, "num_beams": 2}, "needs num_beams >= caption_num"),
         # common generate arguments are checked here, not at every batch's first generate call
         ({"num_beams": 0}, "generate_kwargs num_beams must be a positive int, got 0"),
-        ({"top_k": 5.0}, "generate_kwargs top_k must be an int >= 0, got 5.0"),
-        ({"top_p": "0.9"}, "generate_kwargs top_p must be a number in [0, 1], got '0.9'"),
-        ({"top_p": 1.5}, "generate_kwargs top_p must be a number in [0, 1], got 1.5"),
-        ({"temperature": 0}, "generate_kwargs temperature must be a number > 0, got 0"),
-        ({"temperature": float("nan")}, "generate_kwargs temperature must be a number > 0, got nan"),
-        ({"repetition_penalty": True}, "generate_kwargs repetition_penalty must be a number > 0, got True"),
+        ({"do_sample": True, "top_k": 5.0}, "generate_kwargs top_k must be an int >= 0, got 5.0"),
+        ({"do_sample": True, "top_p": "0.9"}, "generate_kwargs top_p must be a number in [0, 1], got '0.9'"),
+        ({"do_sample": True, "top_p": 1.5}, "generate_kwargs top_p must be a number in [0, 1], got 1.5"),
+        ({"do_sample": True, "temperature": 0}, "generate_kwargs temperature must be a finite number > 0, got 0"),
+        ({"temperature": float("nan")}, "generate_kwargs temperature must be a finite number > 0, got nan"),
+        ({"repetition_penalty": True}, "generate_kwargs repetition_penalty must be a finite number > 0, got True"),
         ({"no_repeat_ngram_size": -1}, "generate_kwargs no_repeat_ngram_size must be an int >= 0, got -1"),
         ({"length_penalty": float("inf")}, "generate_kwargs length_penalty must be a finite number, got inf"),
     ],
@@ -83,10 +84,18 @@ def test_invalid_configuration_raises_naming_the_parameter(kwargs, message):
     assert message in str(e.value)
 
 
-def test_valid_generate_arguments_pass_as_given():
-    given = {"top_k": 0, "top_p": 1, "temperature": 0.7, "repetition_penalty": 1.2, "length_penalty": -0.5}
-    settings = CaptionConfig(do_sample=True, generate_kwargs={**given, "typical_p": 0.9}).generation_settings()
-    assert {k: settings[k] for k in given} == given and settings["typical_p"] == 0.9
+def test_valid_generate_arguments_pass_with_the_types_transformers_wants():
+    """Whole and numpy numbers are taken for the float arguments and passed as floats (transformers' temperature
+    and repetition_penalty processors refuse an int); the sampling-only ones are not checked without sampling
+    (transformers ignores them then, with a warning); arguments beamcap does not know pass as given."""
+    given = {"top_k": np.int64(0), "top_p": 1, "temperature": 2, "repetition_penalty": np.float32(1.5)}
+    settings = CaptionConfig(do_sample=True, generate_kwargs={**given, "length_penalty": -1, "typical_p": 0.9})
+    settings = settings.generation_settings()
+    expected = {"top_k": 0, "top_p": 1.0, "temperature": 2.0, "repetition_penalty": 1.5, "length_penalty": -1.0}
+    assert {k: (settings[k], type(settings[k])) for k in expected} == {k: (v, type(v)) for k, v in expected.items()}
+    assert settings["typical_p"] == 0.9
+    greedy = CaptionConfig(do_sample=False, generate_kwargs={"temperature": 0, "top_p": 2}).generation_settings()
+    assert greedy["temperature"] == 0 and greedy["top_p"] == 2
 
 
 def test_mode_accepts_enum_and_string():
