@@ -210,9 +210,9 @@ def test_training_refuses_bad_settings(tmp_path, flags, capsys):
 
 @pytest.mark.slow
 def test_training_script_smoke(tmp_path):
-    """The shipped recipe's kinds of stage, a few steps each: from scratch, then from a model on 'harder' pictures
-    with masked prompts, a moving average and a larger input (position embeddings interpolated); each result loads through
-    beamcap's loading path and captions."""
+    """The shipped recipe's kinds of stage, a few steps each: from scratch, then from a model on 'harder'
+    pictures with masked prompts, a moving average and a larger input (position embeddings interpolated); each
+    result loads through beamcap's loading path and captions."""
     from beamcap.config import CaptionConfig
     from beamcap.demo import train
     from beamcap.model import load_captioner

@@ -55,11 +55,37 @@ def test_harder_pictures_have_backgrounds_as_bright_as_the_shapes():
         backgrounds = [_matched_colour(colour, rng) for _ in range(200)]
         assert all(abs(_luma(b) - _luma(rgb)) <= 32 for b in backgrounds), colour
         assert any(len(set(b)) == 1 for b in backgrounds) and any(len(set(b)) > 1 for b in backgrounds), colour
-    scene, corners = Scene("yellow", "square", 1), []
-    for seed in range(40):
-        picture = np.asarray(draw_scene(scene, random.Random(seed), "harder").convert("L"), np.float64)
-        corners.append(abs(picture[:3, :3].mean() - _luma(COLOURS["yellow"])))
-    assert 8 <= sum(c < 45 for c in corners) <= 32  # about half, not all: the rest are 'varied' backgrounds
+
+    def near_luma(style):  # pictures whose corner is about as bright as the yellow shapes
+        scene, near = Scene("yellow", "square", 1), 0
+        for seed in range(80):
+            picture = np.asarray(draw_scene(scene, random.Random(seed), style).convert("L"), np.float64)
+            near += abs(picture[:3, :3].mean() - _luma(COLOURS["yellow"])) < 45
+        return near
+
+    varied, harder = near_luma("varied"), near_luma("harder")
+    assert varied + 16 <= harder <= 72, (varied, harder)  # about half more, not all
+
+
+def test_harder_pictures_spread_the_sizes_of_their_shapes(monkeypatch):
+    """In one 'harder' picture, shapes differ up to 3x in size (0.55-1.65x a base), in 'varied' at most 1.86x."""
+    from beamcap.demo import shapes
+
+    ratios, place = [], shapes._place
+
+    def spy(rng, width, height, shape, sizes, gap):
+        ratios.append(max(sizes) / min(sizes))
+        return place(rng, width, height, shape, sizes, gap)
+
+    monkeypatch.setattr(shapes, "_place", spy)
+    widest = {}
+    for style in ("varied", "harder"):
+        ratios.clear()
+        rng = random.Random(1)
+        for _ in range(150):
+            draw_scene(Scene("red", "circle", 3), rng, style)
+        widest[style] = max(ratios)
+    assert widest["varied"] <= 1.3 / 0.7 + 1e-9 < 2.2 < widest["harder"] <= 1.65 / 0.55 + 1e-9, widest
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])

@@ -33,8 +33,9 @@ styles draw from different distributions:
     own colour (ITU-R 601 luma within +-30 levels; grey, or a low-saturation
     hue), so that only hue tells the shapes from the background (yellow on
     light grey; red, green or blue on dark grey); and the shapes of one
-    picture differ more in size (0.55-1.65x a base size each, not 0.7-1.3x),
-    so that a small shape beside large ones is still seen and counted.
+    picture differ more in size (0.55-1.65x a base size each, not 0.7-1.3x,
+    within the same bounds), so that a small shape beside large ones is still
+    seen and counted.
 
 ``'heldout'``
     What ``python -m beamcap.demo.evaluate`` measures on; never used in

@@ -131,7 +131,7 @@ def make_batch(
         images.append(draw_scene(scene, rng, drawn))
         prefix = rng.choice(PROMPTS) + " " if rng.random() < prompt_rate else ""
         texts.append(prefix + scene.caption)
-        prompt_lengths.append(len(prefix.split()))  # one token per word: every word is in the vocabulary
+        prompt_lengths.append(len(processor.tokenizer.tokenize(prefix)))
     inputs = processor(images=images, text=texts, padding="longest", return_tensors="pt")
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == processor.tokenizer.pad_token_id, -100)
     if mask_prompt:
