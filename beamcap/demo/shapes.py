@@ -14,7 +14,7 @@ styles draw from different distributions:
 
 ``'varied'``
     The second to fifth training stages' style (``python -m beamcap.demo.train
-    --style varied``, see README: the bundled model scores 93-95% on
+    --style varied``, see README: stage 5 scored 93-95% on
     ``'heldout'`` after them, against 30-39% before). Canvas sides log-uniform in 48-480 px
     (aspect ratio at most 2:1); backgrounds of any grey level or any hue at
     low saturation, 40% of them linear gradients at any angle, half with
