@@ -131,3 +131,6 @@ def test_evaluation_pictures_and_judging():
     assert judge(Scene("red", "circle", 1), "a photo of two red circles")["all"] is False
     assert judge(Scene("red", "circle", 1), "a photo of a red circle")["all"] is True
     assert judge(Scene("red", "circle", 1), "a photo")["all"] is False
+    assert judge(Scene("red", "circle", 2), "A photo of: two red circles.")["all"] is True
+    assert judge(Scene("red", "circle", 2), "two red circles-ish")["all"] is True
+    assert judge(Scene("red", "circle", 2), "two reddish circles")["colour"] is False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 
 from beamcap.config import CaptionConfig
 from beamcap.demo import demo_model_path
@@ -26,8 +27,8 @@ SETTINGS = {"max_new_tokens": 8, "do_sample": False, "num_return_sequences": 1}
 
 def judge(scene: Scene, caption: str) -> dict[str, bool]:
     """Which parts of ``scene`` the caption names; a caption that begins with one of the training prompts
-    ('a photo of two red circles') is judged on what follows it."""
-    words = caption.lower().split()
+    ('a photo of two red circles') is judged on what follows it; punctuation is ignored."""
+    words = re.findall(r"[a-z]+", caption.lower())
     for prompt in PROMPTS:
         if words[: len(prompt.split())] == prompt.split():
             words = words[len(prompt.split()) :]
