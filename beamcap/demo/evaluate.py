@@ -30,8 +30,9 @@ def judge(scene: Scene, caption: str) -> dict[str, bool]:
     ('a photo of two red circles') is judged on what follows it; punctuation is ignored."""
     words = re.findall(r"[a-z]+", caption.lower())
     for prompt in PROMPTS:
-        if words[: len(prompt.split())] == prompt.split():
-            words = words[len(prompt.split()) :]
+        head = prompt.split()
+        if words[: len(head)] == head:
+            words = words[len(head) :]
             break
     shape_ok = (scene.shape if scene.count == 1 else scene.shape + "s") in words
     colour_ok = scene.colour in words and not any(c in words for c in COLOURS if c != scene.colour)

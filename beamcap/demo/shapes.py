@@ -188,11 +188,14 @@ def _gradient(width: int, height: int, a, b, angle: float) -> np.ndarray:
 # --- 'varied' --------------------------------------------------------------------------------------------------
 
 
+_LOW_SATURATION = (0.03, 0.35)  # the saturation of tinted 'varied' and 'harder' backgrounds
+
+
 def _varied_colour(rng: random.Random) -> tuple[int, int, int]:
     if rng.random() < 0.5:
         g = rng.uniform(0, 255)
         return _clip((g, g, g))
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.03, 0.35), rng.uniform(0.15, 1.0))
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*_LOW_SATURATION), rng.uniform(0.15, 1.0))
     return _clip((255 * r, 255 * g, 255 * b))
 
 
@@ -218,7 +221,7 @@ def _matched_colour(colour: str, rng: random.Random) -> tuple[int, int, int]:
     target = max(0.0, min(255.0, _luma(COLOURS[colour]) + rng.uniform(-30, 30)))
     if rng.random() < 0.5:
         return _clip((target, target, target))
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.03, 0.35), 1.0)
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*_LOW_SATURATION), 1.0)
     factor = target / max(1.0, _luma((255 * r, 255 * g, 255 * b)))
     return _clip((255 * r * factor, 255 * g * factor, 255 * b * factor))
 
