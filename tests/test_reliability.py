@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 
 import apache_beam as beam
 import pytest
@@ -54,7 +55,11 @@ BAD_INPUTS = [
     ("zero_bytes", lambda d: {"text": IMG, "images": [_file(d, "z.jpg", b"")]}, "the file is empty"),
     ("truncated_jpeg", lambda d: {"text": IMG, "images": [_file(d, "t.jpg", _truncated("JPEG"))]}, "truncated"),
     ("truncated_png", lambda d: {"text": IMG, "images": [_file(d, "t.png", _truncated("PNG"))]}, "truncated"),
-    ("random_bytes", lambda d: {"text": IMG, "images": [_file(d, "r.jpg", os.urandom(999))]}, "not a recognised"),
+    (
+        "random_bytes",
+        lambda d: {"text": IMG, "images": [_file(d, "r.jpg", random.Random(999).randbytes(999))]},
+        "not a recognised",
+    ),
     ("text_as_jpg", lambda d: {"text": IMG, "images": [_file(d, "t.jpg", b"hello world")]}, "not a recognised"),
     (
         "decompression_bomb",
