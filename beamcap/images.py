@@ -138,12 +138,13 @@ def _mebibytes(n: int) -> str:
 
 
 def _read_bounded(stream: Any, ref: Any, max_bytes: int, deadline: float | None = None) -> bytes:
-    """At most ``max_bytes`` bytes from a binary stream; more is an error, and so is passing ``deadline``."""
+    """At most ``max_bytes`` bytes from a binary stream; more is an error, and passing ``deadline`` raises
+    :class:`TimeoutError`."""
     chunks, total = [], 0
     read = getattr(stream, "read1", stream.read)  # read1: one underlying read, so a trickle returns what it has
     while True:
         if deadline is not None and time.monotonic() > deadline:
-            raise ImageLoadError(ref, "cannot download: the download took longer than its time limit")
+            raise TimeoutError("past the download's deadline")
         chunk = read(min(_CHUNK, max_bytes + 1 - total))
         if not chunk:
             return b"".join(chunks)
@@ -325,10 +326,16 @@ def download(ref: Any, url: str, max_bytes: int, timeout: float) -> bytes:
     helper = threading.Thread(target=fetch, name="beamcap-download", daemon=True)
     helper.start()
     helper.join(max(0.0, deadline - time.monotonic()))
+    late = ImageLoadError(ref, f"cannot download: no complete answer within {timeout:g} s")
     if helper.is_alive():
         sockets.shut_all()
-        raise ImageLoadError(ref, f"cannot download: no complete answer within {timeout:g} s")
+        raise late
     error = result.get("error")
+    # The helper can beat the join to the deadline: a socket operation timing out (each is given the whole
+    # ``timeout``, so one timing out means the time is up), or the body's reader seeing the deadline pass.
+    # Whichever notices first, the reason is the same.
+    if isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError):
+        raise late from None
     if isinstance(error, ImageLoadError):
         raise error
     if error is not None:

@@ -14,6 +14,7 @@ import shutil
 import socketserver
 import threading
 import time
+import urllib.error
 
 import apache_beam as beam
 import pytest
@@ -22,7 +23,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that
 from helpers import IMG, canonical, run_dofn, same_elements
 from PIL import Image
 
-from beamcap import CaptionConfig, CaptionImages
+from beamcap import CaptionConfig, CaptionImages, images
 from beamcap.images import ImageLoadError, decode_image, load_image, read_bytes
 
 FAST = dict(max_new_tokens=3, do_sample=False)
@@ -260,6 +261,36 @@ def test_a_hostile_server_cannot_hold_or_flood_the_worker(hostile_server, path, 
     with pytest.raises(ImageLoadError, match=reason):
         read_bytes(f"{hostile_server}{path}", max_bytes=1 << 20, download_timeout=2)
     assert time.monotonic() - start < 4  # the deadline is for the whole download, not per socket read
+
+
+@pytest.mark.parametrize("path", ["/slow-headers", "/drip"])
+def test_running_out_of_time_gives_one_reason_whoever_notices_first(hostile_server, path):
+    """At the deadline the caller, the socket's own timeout and the body's reader race to notice. The caller
+    wins unless its thread wakes late (on a loaded machine a socket timeout won 5 times in 720, and the reason
+    read 'TimeoutError: timed out'): short timeouts make that likelier; the next test forces the other side."""
+    for timeout in (0.01, 0.02, 0.05, 0.1, 0.3) * 6:
+        with pytest.raises(ImageLoadError, match=f"no complete answer within {timeout:g} s"):
+            read_bytes(f"{hostile_server}{path}", download_timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "error", [TimeoutError("timed out"), urllib.error.URLError(TimeoutError("timed out"))], ids=["read", "connect"]
+)
+def test_a_socket_timeout_reads_as_the_deadline(monkeypatch, error):
+    """The connection's own timeout firing first (forced here: no network) gives the deadline's reason."""
+
+    class Opener:
+        def open(self, url, timeout):
+            raise error
+
+    monkeypatch.setattr(images, "_opener", lambda sockets: Opener())
+    with pytest.raises(ImageLoadError, match="no complete answer within 5 s"):
+        images.download("http://example.invalid/x.png", "http://example.invalid/x.png", 1 << 20, 5)
+
+
+def test_the_body_reader_stops_at_the_deadline():
+    with pytest.raises(TimeoutError):
+        images._read_bounded(io.BytesIO(b"x" * 100), "ref", 1 << 20, deadline=time.monotonic() - 1)
 
 
 def _download_threads() -> set:
