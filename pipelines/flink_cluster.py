@@ -219,6 +219,9 @@ def flink_config(args: argparse.Namespace, run_dir: str) -> dict:
         "blob.server.port": args.ports["blob"], "io.tmp.dirs": os.path.join(run_dir, "tmp"),
         "parallelism.default": PARALLELISM, "cluster.evenly-spread-out-slots": "true",
         "heartbeat.interval": 2000, "heartbeat.timeout": 10000, "web.submit.enable": "false",
+        # The REST API's task metrics (records read, per TaskManager) are refreshed every second, not every 10 s:
+        # progress shows while a short job runs.
+        "metrics.fetcher.update-interval": 1000,
         "restart-strategy.type": "fixed-delay", "restart-strategy.fixed-delay.attempts": args.restart_attempts,
         "restart-strategy.fixed-delay.delay": "2 s",
         # Beam's jars are on the TaskManagers' classpath too, loaded parent first, so that Beam keeps a job's SDK

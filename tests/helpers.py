@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 import re
+import socket
 from collections.abc import Iterable
 
 from apache_beam.pvalue import TaggedOutput
@@ -85,3 +87,31 @@ def has_counts(originals: int, generated: int, text_key: str = "text"):
             )
 
     return check
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free now, chosen below the kernel's ephemeral range: the processes a test then
+    starts (JVMs, Beam's job service) open sockets on ephemeral ports of their own while they start, and one of
+    those could take a port picked from that range before its server binds it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; other systems use 49152 and up
+    candidates = range(20000, max(low, 20000 + 100 * n))
+    held: list[socket.socket] = []
+    try:
+        for port in random.sample(candidates, min(len(candidates), 2000)):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)  # kept bound until all are chosen, so no port is handed out twice
+            if len(held) == n:
+                return [s.getsockname()[1] for s in held]
+        raise RuntimeError(f"fewer than {n} free ports found between 20000 and {candidates.stop}")
+    finally:
+        for s in held:
+            s.close()

@@ -12,14 +12,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from helpers import IMG, printed_summary
+from helpers import IMG, free_ports, printed_summary
 
 from pipelines import flink_cluster
 
@@ -28,16 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.flink]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 JOB_TIMEOUT = 600
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def flink(tmp_path_factory):
             pytest.fail(f"{' and '.join(missing)} not found, and BEAMCAP_REQUIRE_FLINK=1")
         pytest.skip(f"Flink tests need Java and Maven ({', '.join(missing)} not found)")
     run_dir = str(tmp_path_factory.mktemp("flink"))
-    ports = dict(zip(["rest", "rpc", "blob", "job", "artifact"], _free_ports(5), strict=True))
+    ports = dict(zip(["rest", "rpc", "blob", "job", "artifact"], free_ports(5), strict=True))
     flags = ["--run-dir", run_dir, *(f"--{name}-port={port}" for name, port in ports.items())]
     cluster = os.path.join(BIN, "beamcap-flink")
     started = subprocess.run([cluster, "start", *flags], capture_output=True, text=True, timeout=900)

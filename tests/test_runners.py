@@ -7,7 +7,7 @@ import json
 
 import apache_beam as beam
 import pytest
-from helpers import IMG, printed_summary
+from helpers import IMG, free_ports, printed_summary
 
 from beamcap import CaptionImages, UnsupportedRunnerError
 from pipelines.caption import run
@@ -68,14 +68,6 @@ def test_multi_processing_direct_runner_matches_in_memory_per_process_and_with_o
     assert summaries["shared"]["model_loads"] == 1
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def portable_services(tmp_path_factory):
     """Beam's job service and an EXTERNAL SDK worker pool on loopback (what Flink/Spark/Dataflow v2 run), started
@@ -85,7 +77,7 @@ def portable_services(tmp_path_factory):
     import sys
     import time
 
-    job_port, pool_port = _free_port(), _free_port()
+    job_port, pool_port = free_ports(2)
     workers = str(tmp_path_factory.mktemp("workers"))
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     procs = [
