@@ -332,10 +332,12 @@ def download(ref: Any, url: str, max_bytes: int, timeout: float) -> bytes:
         raise late
     error = result.get("error")
     # The helper can beat the join to the deadline: a socket operation timing out (each is given the whole
-    # ``timeout``, so one timing out means the time is up), or the body's reader seeing the deadline pass.
-    # Whichever notices first, the reason is the same.
-    if isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError):
-        raise late from None
+    # ``timeout`` on the same clock), or the body's reader seeing the deadline pass. Whichever notices first, the
+    # reason is the same. A timeout before the deadline is another failure (the kernel's own ETIMEDOUT on connect,
+    # say) and keeps its own reason below.
+    timed_out = isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
+    if timed_out and time.monotonic() >= deadline:
+        raise late from error
     if isinstance(error, ImageLoadError):
         raise error
     if error is not None:

@@ -90,18 +90,21 @@ def has_counts(originals: int, generated: int, text_key: str = "text"):
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free now, chosen below the kernel's ephemeral range: the processes a test then
+    """``n`` distinct loopback ports free now, outside the kernel's ephemeral range: the processes a test then
     starts (JVMs, Beam's job service) open sockets on ephemeral ports of their own while they start, and one of
     those could take a port picked from that range before its server binds it."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default; other systems use 49152 and up
-    candidates = range(20000, max(low, 20000 + 100 * n))
+            low, high = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default; macOS's range starts at 49152, above it
+    below, above = range(max(1024, low - 12000), low), range(high + 1, 65536)
+    candidates = below if len(below) >= len(above) else above
     held: list[socket.socket] = []
     try:
-        for port in random.sample(candidates, min(len(candidates), 2000)):
+        # SystemRandom: the module's generator may have been seeded by an earlier test, and two suites on one
+        # machine would then try the same ports in the same order.
+        for port in random.SystemRandom().sample(candidates, min(len(candidates), 2000)):
             s = socket.socket()
             try:
                 s.bind(("127.0.0.1", port))
@@ -111,7 +114,7 @@ def free_ports(n: int) -> list[int]:
             held.append(s)  # kept bound until all are chosen, so no port is handed out twice
             if len(held) == n:
                 return [s.getsockname()[1] for s in held]
-        raise RuntimeError(f"fewer than {n} free ports found between 20000 and {candidates.stop}")
+        raise RuntimeError(f"fewer than {n} free ports outside the ephemeral range {low}-{high}")
     finally:
         for s in held:
             s.close()
