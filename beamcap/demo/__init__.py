@@ -11,7 +11,7 @@ def demo_model_path() -> str:
     """The folder of the bundled demo model (loadable with ``from_pretrained``)."""
     if not os.path.isfile(os.path.join(_MODEL_DIR, "config.json")):
         raise FileNotFoundError(
-            f"The demo model is missing from {_MODEL_DIR}; rebuild it with the six `python -m beamcap.demo.train` "
+            f"The demo model is missing from {_MODEL_DIR}; rebuild it with the seven `python -m beamcap.demo.train` "
             "commands in README.md ('The demo captioner') or in that module's docstring."
         )
     return _MODEL_DIR

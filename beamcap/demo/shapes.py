@@ -27,15 +27,15 @@ styles draw from different distributions:
     downsampled (anti-aliased); JPEG quality 20-98.
 
 ``'harder'``
-    The sixth training stage's style: ``'varied'`` with two harder kinds of
-    picture, the two where most of stage 5's held-out mistakes were. Half the
-    backgrounds (the first colour of a gradient) are as bright as the shapes'
-    own colour (ITU-R 601 luma within +-30 levels; grey, or a low-saturation
-    hue), so that only hue tells the shapes from the background (yellow on
-    light grey; red, green or blue on dark grey); and the shapes of one
-    picture differ more in size (0.55-1.65x a base size each, not 0.7-1.3x,
-    within the same bounds), so that a small shape beside large ones is still
-    seen and counted.
+    The sixth and seventh training stages' style: ``'varied'`` with two
+    harder kinds of picture, the two where most of stage 5's held-out
+    mistakes were. Half the backgrounds (the first colour of a gradient) are
+    as bright as the shapes' own colour (ITU-R 601 luma within +-30 levels;
+    grey, or a low-saturation hue), so that only hue tells the shapes from
+    the background (yellow on light grey; red, green or blue on dark grey);
+    and the shapes of one picture differ more in size (0.55-1.65x a base
+    size each, not 0.7-1.3x, within the same bounds), so that a small shape
+    beside large ones is still seen and counted.
 
 ``'heldout'``
     What ``python -m beamcap.demo.evaluate`` measures on; never used in

@@ -1,6 +1,6 @@
 """Train the demo captioner: a small BLIP, from scratch or from a previous stage, on procedural shape pictures.
 
-The shipped model is trained in six stages (``shapes.py`` describes the styles):
+The shipped model is trained in seven stages (``shapes.py`` describes the styles):
 
     # 1. from scratch on the 'train' style (the first release's recipe and pictures)
     python -m beamcap.demo.train --out /tmp/demo-stage1
@@ -17,15 +17,19 @@ The shipped model is trained in six stages (``shapes.py`` describes the styles):
     python -m beamcap.demo.train --init /tmp/demo-stage4 --out /tmp/demo-stage5 --image_size 128 \
         --style varied --train_share 0.15 --steps 4500 --lr 4e-4 --seed 3 --ema 0.999
     # 6. from stage 5, on the 'harder' style, with the prompt words left out of the loss
-    python -m beamcap.demo.train --init /tmp/demo-stage5 --out beamcap/demo/model --mask_prompt \
+    python -m beamcap.demo.train --init /tmp/demo-stage5 --out /tmp/demo-stage6 --mask_prompt \
         --style harder --train_share 0.15 --steps 4200 --lr 3e-4 --seed 5 --ema 0.999
+    # 7. from stage 6, the same at a lower learning rate, on another stream of pictures
+    python -m beamcap.demo.train --init /tmp/demo-stage6 --out beamcap/demo/model --mask_prompt \
+        --style harder --train_share 0.15 --steps 3600 --lr 2e-4 --seed 6 --ema 0.999
 
     python -m beamcap.demo.train --out /tmp/m --steps 30          # a smoke run
 
 The held-out style that ``evaluate.py`` measures on is never drawn here. The
 shipped model's stage 2 started from the first release's weights, its stage 3
 from the second release's, its stage 4 from the third release's, its stage 5
-from the fourth release's, its stage 6 from the fifth release's.
+from the fourth release's, its stage 6 from the fifth release's, its stage 7
+from the sixth release's.
 Seeded and reproducible on the same machine and library versions (the weights
 also depend on ``--threads``). The output is a ``save_pretrained`` folder
 (model + processor), loaded like any hub model.
