@@ -636,26 +636,39 @@ _MAX_IFDS = 64
 MAX_TIFF_TAGS = 100_000
 """A TIFF or EXIF block with more tags than this (over its IFDs) is refused unread: honest ones hold tens to
 hundreds, and walking millions (overlapping IFDs of a 256 MB file) would take minutes."""
+MAX_PNG_CHUNKS = 65_536
+"""A PNG with more chunks than this besides its picture data (IDAT) is refused unread: Pillow keeps an entry for
+each unknown one, and 21 million empty chunks in 252 MB took 56 s and 2.8 GB to open; honest files hold a few
+(an animated PNG two a frame)."""
+MAX_PNG_ALL_CHUNKS = 1_000_000
+"""A PNG with more chunks than this in all is refused unread: even empty picture-data chunks are read one by one
+(a 256 MB file cut into 1 KB chunks holds a quarter of a million)."""
+MAX_TIFF_VALUES = 2_000_000
+"""A TIFF or EXIF block whose tags list more numbers than this in all is refused unread: Pillow makes a Python
+object of each (and a decoding step of each strip or tile offset), some 300 bytes apiece, so 33 million strip
+offsets in a 264 MB file took over 8 GB. Honest files list at most a few hundred thousand (one strip per row of
+the tallest picture the pixel limit allows, or its smallest tiles)."""
 
 
-def tiff_tags(data: bytes) -> tuple[int, dict[int, int], int]:
+def tiff_tags(data: bytes) -> tuple[int, dict[int, int], int, int]:
     """For a TIFF structure (a TIFF file, or the EXIF block of another format): the bytes its tags' values take,
     summed over its first IFD and the IFDs linked from it (Exif, GPS, Interoperability), counting a repeated or
     shared value each time a reader copies it; the largest value given for each of TileWidth and TileLength
-    (Pillow keeps a repeated tag's last value, libtiff its first); and how many tags were walked (the walk stops
-    past :data:`MAX_TIFF_TAGS`). ``(0, {}, 0)`` where ``data`` is not TIFF."""
+    (Pillow keeps a repeated tag's last value, libtiff its first); how many tags were walked (the walk stops
+    past :data:`MAX_TIFF_TAGS`); and how many numbers their values list in all (bytes and text not counted: they
+    stay one object). ``(0, {}, 0, 0)`` where ``data`` is not TIFF."""
     order = {b"II": "<", b"MM": ">"}.get(data[:2])
     if order is None or len(data) < 8:
-        return 0, {}, 0
+        return 0, {}, 0, 0
     (magic,) = struct.unpack_from(order + "H", data, 2)
     if magic == 42:
         count_format, entry, inline, first = "H", "HHL", 4, struct.unpack_from(order + "L", data, 4)[0]
     elif magic == 43 and len(data) >= 16:  # BigTIFF
         count_format, entry, inline, first = "Q", "HHQ", 8, struct.unpack_from(order + "Q", data, 8)[0]
     else:
-        return 0, {}, 0
+        return 0, {}, 0, 0
     entry_bytes = struct.calcsize(order + entry) + inline
-    total, largest, pending, seen, tags = 0, {}, [first], set(), 0
+    total, largest, pending, seen, tags, numbers = 0, {}, [first], set(), 0, 0
     while pending and len(seen) < _MAX_IFDS and tags <= MAX_TIFF_TAGS:
         at = pending.pop()
         if at in seen or not 0 < at <= len(data) - struct.calcsize(order + count_format):
@@ -669,6 +682,8 @@ def tiff_tags(data: bytes) -> tuple[int, dict[int, int], int]:
             value_at = at + entry_bytes - inline
             at += entry_bytes
             size = _TIFF_TYPE_BYTES.get(kind, 1) * count
+            if kind not in (1, 2, 6, 7):  # BYTE, ASCII, SBYTE, UNDEFINED: one bytes or str object
+                numbers += count
             if size > inline:
                 total += size
             elif kind in (3, 4, 13, 16) and count >= 1:
@@ -678,18 +693,36 @@ def tiff_tags(data: bytes) -> tuple[int, dict[int, int], int]:
                     largest[tag] = max(largest.get(tag, 0), value)
                 elif tag in _LINKED_IFDS:
                     pending.append(value)
-    return total, largest, tags
+    return total, largest, tags, numbers
 
 
-def _too_much_tag_data(walk: tuple[int, dict[int, int], int], size: int, what: str) -> str | None:
+def _too_much_tag_data(walk: tuple[int, dict[int, int], int, int], size: int, what: str) -> str | None:
     """Why a TIFF structure (a file, or an EXIF block) of ``size`` bytes, walked by :func:`tiff_tags`, would take
     far more memory to read than its size, or None."""
-    declared, _, tags = walk
+    declared, _, tags, numbers = walk
     if tags > MAX_TIFF_TAGS:
         return f"its {what} holds more than {MAX_TIFF_TAGS} tags"
     if declared > size + TAG_DATA_SLACK:
         return f"its {what} declares {declared} bytes of tag values in {size} bytes (values shared many times)"
+    if numbers > MAX_TIFF_VALUES:
+        return f"its {what} tags list {numbers} numbers, over {MAX_TIFF_VALUES} (each read into an object of its own)"
     return None
+
+
+def _png_chunks(data: bytes) -> tuple[int, int, int]:
+    """How many chunks a PNG holds in all, besides its picture data (IDAT), and how many ICC profiles (iCCP, each
+    inflated by Pillow: up to 1 MiB from 1 KB); the walk stops past :data:`MAX_PNG_ALL_CHUNKS` or at IEND."""
+    at, chunks, other, profiles = 8, 0, 0, 0
+    while at + 8 <= len(data) and chunks <= MAX_PNG_ALL_CHUNKS and other <= MAX_PNG_CHUNKS:
+        length, kind = struct.unpack_from(">I4s", data, at)
+        at += 12 + length
+        chunks += 1
+        if kind != b"IDAT":
+            other += 1
+            profiles += kind == b"iCCP"
+        if kind == b"IEND":
+            break
+    return chunks, other, profiles
 
 
 def _too_costly_to_open(data: bytes) -> str | None:
@@ -703,6 +736,14 @@ def _too_costly_to_open(data: bytes) -> str | None:
             too_much = _too_much_tag_data(tiff_tags(block), len(block), what)
             if too_much:
                 return too_much
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        chunks, other, profiles = _png_chunks(data)
+        if chunks > MAX_PNG_ALL_CHUNKS:
+            return f"the PNG holds more than {MAX_PNG_ALL_CHUNKS} chunks"
+        if other > MAX_PNG_CHUNKS:
+            return f"the PNG holds more than {MAX_PNG_CHUNKS} chunks besides its picture data"
+        if profiles > 1:
+            return f"the PNG holds {profiles} ICC profiles (iCCP chunks; one at most is allowed, each is inflated)"
     elif data.startswith(b"GIF"):
         comments, blocks = _gif_preamble(data)
         if comments > MAX_GIF_COMMENT_BYTES:
@@ -746,6 +787,21 @@ def _too_costly(image: Image.Image, data: bytes, max_pixels: int, tile_tags: dic
     return None
 
 
+def _exif_block(image: Image.Image) -> bytes | None:
+    """The EXIF block that ``ImageOps.exif_transpose`` will read: ``info['exif']``, or, in a PNG, the hex text of a
+    'Raw profile type exif' text chunk (ImageMagick's way), decoded as Pillow decodes it."""
+    exif = image.info.get("exif")
+    if isinstance(exif, bytes):
+        return exif
+    raw = image.info.get("Raw profile type exif")
+    if isinstance(raw, str):
+        try:
+            return bytes.fromhex("".join(raw.split("\n")[3:]))
+        except ValueError:
+            return None  # Pillow's own reading fails the same way, and that error is caught below
+    return None
+
+
 def decode_image(
     data: bytes,
     ref: Any,
@@ -765,9 +821,10 @@ def decode_image(
     or a multi-page file are never touched. A JPEG of more than
     :data:`MAX_JPEG_SCANS` scans, a TIFF whose tiles dwarf the picture
     (:data:`MAX_TILE_OVERHANG`), a TIFF, EXIF or MPF block whose tags declare
-    more bytes than it holds (:data:`TAG_DATA_SLACK`), and the JPEG, GIF and PNM
-    headers that :func:`_too_costly_to_open` finds Pillow would spend minutes
-    or gigabytes on are refused before decoding too: their cost is not bounded
+    more bytes than it holds (:data:`TAG_DATA_SLACK`) or more numbers than
+    :data:`MAX_TIFF_VALUES`, and the JPEG, GIF, PNG and PNM headers that
+    :func:`_too_costly_to_open` finds Pillow would spend minutes or gigabytes
+    on are refused before decoding too: their cost is not bounded
     by their size. So is an image more than
     ``max_aspect_ratio`` times longer than wide (or wider than long).
 
@@ -803,7 +860,7 @@ def decode_image(
         if draft_size and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
         image.load()
-        exif = image.info.get("exif")
+        exif = _exif_block(image)
         if isinstance(exif, bytes) and not data.startswith(b"\xff\xd8"):  # a JPEG's was checked before opening
             exif = exif.removeprefix(b"Exif\x00\x00")
             too_much = _too_much_tag_data(tiff_tags(exif), len(exif), "EXIF")

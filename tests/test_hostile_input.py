@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import socketserver
+import struct
 import threading
 import time
 import types
@@ -1247,3 +1248,79 @@ def test_image_root_refuses_a_descriptor_that_is_no_file(tmp_path):
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def _tiff_listing_strips(n: int) -> bytes:
+    """An 8x8 uncompressed RGB TIFF whose StripOffsets and StripByteCounts list ``n`` strips, all of the same 24
+    bytes: every number is in the file (nothing is shared), but Pillow makes an object of each."""
+    pixels, entries = b"\x80" * 24, 9
+    ifd_at = 8 + len(pixels)
+    bits_at = ifd_at + 2 + 12 * entries + 4
+    offsets_at = bits_at + 6
+    counts_at = offsets_at + 4 * n
+
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+
+    short = lambda v: struct.pack("<H", v)  # noqa: E731
+    tags = [entry(256, 3, 1, short(8)), entry(257, 3, 1, short(8)), entry(258, 3, 3, struct.pack("<I", bits_at)),
+            entry(259, 3, 1, short(1)), entry(262, 3, 1, short(2)), entry(273, 4, n, struct.pack("<I", offsets_at)),
+            entry(277, 3, 1, short(3)), entry(278, 3, 1, short(1)), entry(279, 4, n, struct.pack("<I", counts_at))]  # fmt: skip
+    return (
+        b"II*\0" + struct.pack("<I", ifd_at) + pixels + struct.pack("<H", entries) + b"".join(tags)
+        + struct.pack("<I", 0) + struct.pack("<HHH", 8, 8, 8) + struct.pack("<I", 8) * n + struct.pack("<I", 24) * n
+    )  # fmt: skip
+
+
+def test_a_tiff_listing_millions_of_strips_is_refused_before_pillow_reads_them():
+    """33 million strip offsets (264 MB) took Pillow over 8 GB to open; the numbers are counted first."""
+    from beamcap.images import MAX_TIFF_VALUES
+
+    assert decode_image(_tiff_listing_strips(8), "few", max_pixels=10_000).size == (8, 8)
+    with pytest.raises(ImageLoadError, match=rf"tags list \d+ numbers, over {MAX_TIFF_VALUES}"):
+        decode_image(_tiff_listing_strips(MAX_TIFF_VALUES // 2 + 1), "many", max_pixels=10_000)
+
+
+def _png_with_chunks(chunks: list[tuple[bytes, bytes]], image: Image.Image | None = None, **save) -> bytes:
+    """A small PNG with ``(type, body)`` chunks put right after its header."""
+    buf = io.BytesIO()
+    (image or Image.new("RGB", (8, 8), (200, 30, 30))).save(buf, format="PNG", **save)
+    png, header_end = buf.getvalue(), 8 + 8 + 13 + 4
+    extra = b"".join(
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)) for kind, body in chunks
+    )
+    return png[:header_end] + extra + png[header_end:]
+
+
+def _raw_profile_exif(block: bytes) -> tuple[bytes, bytes]:
+    """A tEXt chunk holding an EXIF block as ImageMagick writes it (hex after three header lines)."""
+    return b"tEXt", b"Raw profile type exif\0\nexif\n" + str(len(block)).encode() + b"\n" + block.hex().encode()
+
+
+def test_exif_in_a_png_text_chunk_is_checked_and_applied():
+    """Pillow also reads a PNG's EXIF from a 'Raw profile type exif' text chunk; 3,000 tags sharing one 8 MB block
+    there took an 8 GB job down. Honest EXIF there still turns the picture."""
+    turn = Image.Exif()
+    turn[0x0112] = 6  # rotate 90 degrees
+    upright = _png_with_chunks([_raw_profile_exif(turn.tobytes())], Image.new("RGB", (20, 10)))
+    assert decode_image(upright, "turned", max_pixels=10_000).size == (10, 20)
+    shared_at, tags, size = 8 + 2 + 12 * 300 + 4, 300, 200_000
+    block = b"MM\0\x2a" + struct.pack(">IH", 8, tags)
+    block += b"".join(struct.pack(">HHII", 0x1000 + t, 7, size, shared_at) for t in range(tags))
+    block += struct.pack(">I", 0) + b"\0" * size
+    with pytest.raises(ImageLoadError, match="its EXIF declares 60000000 bytes of tag values"):
+        decode_image(_png_with_chunks([_raw_profile_exif(block)]), "bomb", max_pixels=10_000)
+
+
+def test_png_chunk_floods_and_extra_icc_profiles_are_refused_unread():
+    """21 million empty private chunks took 56 s and 2.8 GB to open; 30,000 ICC profiles of 1 KB, each inflated
+    to 1 MiB, 70 s. One profile, and a few private chunks, are fine."""
+    from beamcap.images import MAX_PNG_CHUNKS
+
+    profile = zlib.compress(b"\0" * ((1 << 20) - 1), 9)
+    fine = _png_with_chunks([(b"prIv", b"")] * 10, icc_profile=b"\0" * 200)
+    assert decode_image(fine, "fine", max_pixels=10_000).size == (8, 8)
+    with pytest.raises(ImageLoadError, match=f"more than {MAX_PNG_CHUNKS} chunks besides its picture data"):
+        decode_image(_png_with_chunks([(b"prIv", b"")] * (MAX_PNG_CHUNKS + 1)), "flood", max_pixels=10_000)
+    with pytest.raises(ImageLoadError, match="holds 3 ICC profiles"):
+        decode_image(_png_with_chunks([(b"iCCP", b"icc\0\0" + profile)] * 3), "profiles", max_pixels=10_000)
