@@ -186,7 +186,11 @@ class CaptionConfig:
     image_key: str = param("images", "the sample's field with the list of image references", check=is_non_empty_str)
     image_token: str = param(DEFAULT_IMAGE_TOKEN, "the dataset's image token", check=is_non_empty_str)
     eoc_token: str = param(DEFAULT_EOC_TOKEN, "the dataset's end-of-chunk token", check=is_non_empty_str)
-    max_new_tokens: int = param(128, "most tokens generated per caption (the reference's 128)", check=is_positive_int)
+    max_new_tokens: int = param(
+        128,
+        "most tokens generated per caption (the reference's 128); fewer where the model's context ends first",
+        check=is_positive_int,
+    )
     do_sample: bool = param(
         True,
         "sample captions (the reference's True); false: greedy, or beam search with num_beams=caption_num "

@@ -97,6 +97,7 @@ class Captioner:
         self.context_length = context_length(self.model)
         self.load_secs = 0.0
         self._load_reported = False
+        self._context_reported = False
         self._report_lock = threading.Lock()
 
     @property
@@ -135,6 +136,23 @@ class Captioner:
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
+    def _within_context(self, settings: dict[str, Any], length: int) -> dict[str, Any]:
+        """``settings`` with ``max_new_tokens`` lowered to what the context leaves after a ``length``-token prompt
+        (a decoder with no prompt still starts from one token): a caption that runs on stops at the context's end,
+        as it would at ``max_new_tokens``, instead of failing its whole call past the last position embedding."""
+        limit, new = self.context_length, settings.get("max_new_tokens")
+        room = None if limit is None else limit - max(length, 1)
+        if room is None or not isinstance(new, int) or new <= room or room < 1:
+            return settings
+        with self._report_lock:
+            first, self._context_reported = not self._context_reported, True
+        if first:
+            _LOGGER.warning(
+                "max_new_tokens=%d is more than the model's context of %d positions leaves after a %d-token prompt: "
+                "captions stop at %d new tokens.", new, limit, length, room
+            )  # fmt: skip
+        return {**settings, "max_new_tokens": room}
+
     def caption(
         self,
         images: Sequence[Image.Image],
@@ -156,6 +174,7 @@ class Captioner:
                 f"the prompt is {length} tokens (with its image tokens and template), longer than the model's "
                 f"context of {limit} positions: shorten the prompt"
             )
+        settings = self._within_context(settings, length)
         n = settings.get("num_return_sequences", 1)
         if seeds is not None and settings.get("do_sample") and settings.get("num_beams", 1) == 1:
             row_seeds = [derive_seed(seed, candidate) for seed in seeds for candidate in range(n)]

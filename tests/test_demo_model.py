@@ -13,7 +13,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that
-from helpers import EOC, IMG
+from helpers import EOC, IMG, run_dofn
+from PIL import Image
 
 from beamcap import CaptionImages, demo_model_path
 from beamcap.demo.shapes import COLOURS, SHAPES, Scene, draw_scene, random_scene
@@ -276,3 +277,30 @@ def test_staged_sdist_installs_and_runs_the_job_outside_the_repo(tmp_path):
     )
     rows = open(next(tmp_path.glob("out-*.jsonl"))).read().splitlines()
     assert len(rows) == 7
+
+
+def test_a_caption_that_runs_on_stops_at_the_models_context(tmp_path, caplog):
+    """The demo model's context is 32 positions and max_new_tokens defaults to the reference's 128. On a plain
+    colour it can write on ('a red square red red ...'): that caption stops at the context's end, as at
+    max_new_tokens, instead of failing its whole call (and its batch-mates) past the last position embedding."""
+
+    from beamcap.config import CaptionConfig
+
+    paths = []
+    for name, colour in [("red", (255, 0, 0)), ("blue", (0, 0, 255))]:
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    paths.append(os.path.join(os.path.dirname(demo_model_path()), "data", "images", "red_circle.jpg"))
+    config = CaptionConfig(demo_model_path(), do_sample=False, gpu_batch_size=3, keep_original_sample=False)
+    assert config.max_new_tokens == 128
+    with caplog.at_level("WARNING", logger="beamcap.model"):
+        out = run_dofn(config, [{"text": IMG, "images": [p]} for p in paths], batch_size=3)
+    assert out["failed"] == [] and len(out["generated"]) == 3, out
+    captions = [s["text"].removeprefix(IMG).removesuffix(EOC).split() for s in out["generated"]]
+    assert max(len(c) for c in captions) > 8  # one of the plain colours does run on (else this tests nothing)
+    assert all(len(c) <= 31 for c in captions)
+    assert ["a", "red", "circle"] in captions
+    assert [r.message for r in caplog.records].count(
+        "max_new_tokens=128 is more than the model's context of 32 positions leaves after a 0-token prompt: "
+        "captions stop at 31 new tokens."
+    ) == 1
