@@ -640,6 +640,10 @@ MAX_PNG_CHUNKS = 65_536
 """A PNG with more chunks than this besides its picture data (IDAT) is refused unread: Pillow keeps an entry for
 each unknown one, and 21 million empty chunks in 252 MB took 56 s and 2.8 GB to open; honest files hold a few
 (an animated PNG two a frame)."""
+MAX_PNG_INFLATED_CHUNKS = 64
+"""A PNG with more compressed text and profile chunks (zTXt, iTXt, iCCP) than this is refused unread: Pillow
+inflates each, up to 1 MiB from 1 KB, and its 64 MiB budget for text misses some (an empty keyword, text that is
+not UTF-8) and all profiles; 30,000 profiles took 70 s. 64 is that budget over 1 MiB; honest files hold a few."""
 MAX_PNG_ALL_CHUNKS = 1_000_000
 """A PNG with more chunks than this in all is refused unread: even empty picture-data chunks are read one by one
 (a 256 MB file cut into 1 KB chunks holds a quarter of a million)."""
@@ -709,20 +713,22 @@ def _too_much_tag_data(walk: tuple[int, dict[int, int], int, int], size: int, wh
     return None
 
 
-def _png_chunks(data: bytes) -> tuple[int, int, int]:
-    """How many chunks a PNG holds in all, besides its picture data (IDAT), and how many ICC profiles (iCCP, each
-    inflated by Pillow: up to 1 MiB from 1 KB); the walk stops past :data:`MAX_PNG_ALL_CHUNKS` or at IEND."""
-    at, chunks, other, profiles = 8, 0, 0, 0
+def _png_chunks(data: bytes) -> tuple[int, int, int, int]:
+    """How many chunks a PNG holds in all, besides its picture data (IDAT, and an animation's fdAT), how many
+    compressed ones Pillow inflates (zTXt, iTXt, iCCP: up to 1 MiB each from 1 KB), and how many ICC profiles; the
+    walk stops past :data:`MAX_PNG_ALL_CHUNKS` or at IEND."""
+    at, chunks, other, inflated, profiles = 8, 0, 0, 0, 0
     while at + 8 <= len(data) and chunks <= MAX_PNG_ALL_CHUNKS and other <= MAX_PNG_CHUNKS:
         length, kind = struct.unpack_from(">I4s", data, at)
         at += 12 + length
         chunks += 1
-        if kind != b"IDAT":
+        if kind not in (b"IDAT", b"fdAT"):
             other += 1
+            inflated += kind in (b"zTXt", b"iTXt", b"iCCP")
             profiles += kind == b"iCCP"
         if kind == b"IEND":
             break
-    return chunks, other, profiles
+    return chunks, other, inflated, profiles
 
 
 def _too_costly_to_open(data: bytes) -> str | None:
@@ -737,13 +743,18 @@ def _too_costly_to_open(data: bytes) -> str | None:
             if too_much:
                 return too_much
     elif data.startswith(b"\x89PNG\r\n\x1a\n"):
-        chunks, other, profiles = _png_chunks(data)
+        chunks, other, inflated, profiles = _png_chunks(data)
         if chunks > MAX_PNG_ALL_CHUNKS:
             return f"the PNG holds more than {MAX_PNG_ALL_CHUNKS} chunks"
         if other > MAX_PNG_CHUNKS:
             return f"the PNG holds more than {MAX_PNG_CHUNKS} chunks besides its picture data"
         if profiles > 1:
             return f"the PNG holds {profiles} ICC profiles (iCCP chunks; one at most is allowed, each is inflated)"
+        if inflated > MAX_PNG_INFLATED_CHUNKS:
+            return (
+                f"the PNG holds {inflated} compressed text chunks (zTXt, iTXt), over {MAX_PNG_INFLATED_CHUNKS} "
+                "(each is inflated, up to 1 MiB)"
+            )
     elif data.startswith(b"GIF"):
         comments, blocks = _gif_preamble(data)
         if comments > MAX_GIF_COMMENT_BYTES:

@@ -1324,3 +1324,10 @@ def test_png_chunk_floods_and_extra_icc_profiles_are_refused_unread():
         decode_image(_png_with_chunks([(b"prIv", b"")] * (MAX_PNG_CHUNKS + 1)), "flood", max_pixels=10_000)
     with pytest.raises(ImageLoadError, match="holds 3 ICC profiles"):
         decode_image(_png_with_chunks([(b"iCCP", b"icc\0\0" + profile)] * 3), "profiles", max_pixels=10_000)
+    # Pillow's 64 MiB text budget skips a zTXt of empty keyword: 65,536 of them would inflate 64 GiB
+    some = _png_with_chunks([(b"zTXt", b"\0\0" + profile)] * 4)
+    assert decode_image(some, "some text", max_pixels=10_000).size == (8, 8)
+    with pytest.raises(ImageLoadError, match="holds 65 compressed text chunks"):
+        decode_image(_png_with_chunks([(b"zTXt", b"\0\0" + profile)] * 65), "text", max_pixels=10_000)
+    frames = [(b"fdAT", b"")] * (MAX_PNG_CHUNKS + 1)  # an animation's frame data counts as picture data
+    assert "besides" not in (images._too_costly_to_open(_png_with_chunks(frames)) or "")
