@@ -326,10 +326,10 @@ def download(ref: Any, url: str, max_bytes: int, timeout: float) -> bytes:
     helper = threading.Thread(target=fetch, name="beamcap-download", daemon=True)
     helper.start()
     helper.join(max(0.0, deadline - time.monotonic()))
-    late = ImageLoadError(ref, f"cannot download: no complete answer within {timeout:g} s")
+    late = f"cannot download: no complete answer within {timeout:g} s"
     if helper.is_alive():
         sockets.shut_all()
-        raise late
+        raise ImageLoadError(ref, late)
     error = result.get("error")
     # The helper can beat the join to the deadline: a socket operation timing out (each is given the whole
     # ``timeout`` on the same clock), or the body's reader seeing the deadline pass. Whichever notices first, the
@@ -337,7 +337,7 @@ def download(ref: Any, url: str, max_bytes: int, timeout: float) -> bytes:
     # say) and keeps its own reason below.
     timed_out = isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError)
     if timed_out and time.monotonic() >= deadline:
-        raise late from error
+        raise ImageLoadError(ref, late) from error
     if isinstance(error, ImageLoadError):
         raise error
     if error is not None:
@@ -637,7 +637,7 @@ MAX_TIFF_TAGS = 100_000
 """A TIFF or EXIF block with more tags than this (over its IFDs) is refused unread: honest ones hold tens to
 hundreds, and walking millions (overlapping IFDs of a 256 MB file) would take minutes."""
 MAX_PNG_CHUNKS = 65_536
-"""A PNG with more chunks than this besides its picture data (IDAT) is refused unread: Pillow keeps an entry for
+"""A PNG with more chunks than this besides its picture data (IDAT, fdAT) is refused unread: Pillow keeps an entry for
 each unknown one, and 21 million empty chunks in 252 MB took 56 s and 2.8 GB to open; honest files hold a few
 (an animated PNG two a frame)."""
 MAX_PNG_INFLATED_CHUNKS = 64

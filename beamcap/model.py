@@ -96,8 +96,7 @@ class Captioner:
         self.input_size = processor_input_size(family.image_processor)
         self.context_length = context_length(self.model)
         self.load_secs = 0.0
-        self._load_reported = False
-        self._context_reported = False
+        self._reported: set[str] = set()
         self._report_lock = threading.Lock()
 
     @property
@@ -121,8 +120,13 @@ class Captioner:
         The model may be shared by threads, DoFn instances, or (``large_model``) processes:
         asking the model itself counts each load once.
         """
+        return self._first_report("load")
+
+    def _first_report(self, what: str) -> bool:
+        """True for the first caller that asks about ``what`` only (thread-safe)."""
         with self._report_lock:
-            first, self._load_reported = not self._load_reported, True
+            first = what not in self._reported
+            self._reported.add(what)
             return first
 
     def info(self) -> dict[str, Any]:
@@ -144,9 +148,7 @@ class Captioner:
         room = None if limit is None else limit - max(length, 1)
         if room is None or not isinstance(new, int) or new <= room or room < 1:
             return settings
-        with self._report_lock:
-            first, self._context_reported = not self._context_reported, True
-        if first:
+        if self._first_report("context"):
             _LOGGER.warning(
                 "max_new_tokens=%d is more than the model's context of %d positions leaves after a %d-token prompt: "
                 "captions stop at %d new tokens.", new, limit, length, room

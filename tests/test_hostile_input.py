@@ -637,8 +637,6 @@ def test_tags_sharing_one_value_cannot_claim_memory(fmt):
     """3,000 tags pointing at one 8 KB block: 24 MB for Pillow to copy out of a 45 KB file (with 60,000 tags of
     64 KB, 4 GB out of 800 KB). Refused before Pillow reads them, as a TIFF and as the EXIF of the other formats;
     an honest EXIF (an orientation) still applies."""
-    import struct
-    import zlib
 
     from beamcap.images import TAG_DATA_SLACK, tiff_tags
 
@@ -648,10 +646,7 @@ def test_tags_sharing_one_value_cannot_claim_memory(fmt):
     if fmt == "TIFF":
         data = bomb  # the tags are read before any pixel, so the file needs none
     elif fmt == "PNG":
-        Image.new("RGB", (4, 4), "red").save(picture, "PNG")
-        png = picture.getvalue()
-        chunk = struct.pack(">I", len(bomb)) + b"eXIf" + bomb + struct.pack(">I", zlib.crc32(b"eXIf" + bomb))
-        data = png[:33] + chunk + png[33:]  # after IHDR
+        data = _png_with_chunks([(b"eXIf", bomb)], Image.new("RGB", (4, 4), "red"))
     else:  # in a WebP EXIF chunk, or a JPEG APP1 segment (which holds at most 64 KB)
         Image.new("RGB", (4, 4), "red").save(picture, fmt, exif=b"Exif\x00\x00" + bomb)
         data = picture.getvalue()
@@ -1304,12 +1299,8 @@ def test_exif_in_a_png_text_chunk_is_checked_and_applied():
     turn[0x0112] = 6  # rotate 90 degrees
     upright = _png_with_chunks([_raw_profile_exif(turn.tobytes())], Image.new("RGB", (20, 10)))
     assert decode_image(upright, "turned", max_pixels=10_000).size == (10, 20)
-    shared_at, tags, size = 8 + 2 + 12 * 300 + 4, 300, 200_000
-    block = b"MM\0\x2a" + struct.pack(">IH", 8, tags)
-    block += b"".join(struct.pack(">HHII", 0x1000 + t, 7, size, shared_at) for t in range(tags))
-    block += struct.pack(">I", 0) + b"\0" * size
     with pytest.raises(ImageLoadError, match="its EXIF declares 60000000 bytes of tag values"):
-        decode_image(_png_with_chunks([_raw_profile_exif(block)]), "bomb", max_pixels=10_000)
+        decode_image(_png_with_chunks([_raw_profile_exif(_shared_tags(300, 200_000))]), "bomb", max_pixels=10_000)
 
 
 def test_png_chunk_floods_and_extra_icc_profiles_are_refused_unread():
